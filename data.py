@@ -1,0 +1,148 @@
+"""
+Token rows for training and evaluation, from a Hugging Face dataset or local files.
+
+    rows = load_rows("apollo-research/Skylion007-openwebtext-tokenizer-gpt2", ctx=1024, n_rows=400_500)
+    eval_rows, train_rows = split_rows(rows, n_eval=500)   # disjoint: the first n_eval rows are held out
+
+Sources: a hub dataset (streamed with `datasets`), or a local .txt / .jsonl / .parquet file or a folder
+of them. A pre-tokenised source has an `input_ids` column; a text source has a `text` column (a .txt
+file is one document) and is tokenised with tiktoken's GPT-2 encoding. Documents are joined with EOS
+(no BOS), the stream is cut into rows of ctx tokens and the remainder dropped, as in the paper.
+
+Tokens are written once to a uint16 file in the cache folder (nanoGPT style) and read back as a
+np.memmap (R, ctx); a second run on the same source and ctx reuses it.
+"""
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+
+EOT = 50256  # GPT-2's <|endoftext|>
+EXTS = (".txt", ".jsonl", ".parquet")
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nanosae")
+
+
+def _tokenizer():
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
+
+
+def _local_files(source):
+    if os.path.isdir(source):
+        files = sorted(f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True) if f.endswith(EXTS))
+        if not files:
+            raise ValueError(f"dataset folder {source!r} has no {'/'.join(EXTS)} files")
+        return files
+    if not source.endswith(EXTS):
+        raise ValueError(f"dataset file {source!r} has an unknown type; allowed: {', '.join(EXTS)}")
+    return [source]
+
+
+def _records(path):
+    """Yield dicts with 'text' or 'input_ids' from one local file."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield {"text": f.read()}
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    else:
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+
+
+def _documents(records, source):
+    """Token lists, one per document (EOS appended), from records with an input_ids or text column."""
+    enc, column = None, None
+    for r in records:
+        if column is None:
+            column = "input_ids" if "input_ids" in r else "text" if "text" in r else None
+            if column is None:
+                raise ValueError(f"dataset {source!r} has columns {sorted(r)}; need 'input_ids' or 'text'")
+        if column == "input_ids":
+            yield list(r["input_ids"])  # pre-tokenised rows already hold the EOS between documents
+        else:
+            enc = enc or _tokenizer()
+            yield enc.encode_ordinary(r[column]) + [EOT]
+
+
+def _source_records(source):
+    """(records iterator, cache key material) for a local path or a hub dataset name."""
+    if os.path.exists(source):
+        files = _local_files(source)
+        stamp = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
+        return (r for f in files for r in _records(f)), json.dumps(stamp), True
+    if source.startswith((".", "/", "~")) or source.endswith(EXTS):
+        raise ValueError(f"dataset path {source!r} does not exist")
+    import datasets
+    try:
+        ds = datasets.load_dataset(source, split="train", streaming=True)
+    except Exception as e:  # offline, unknown name: one line, not a traceback
+        raise ValueError(f"dataset {source!r} is neither a local path nor a reachable hub dataset "
+                         f"({type(e).__name__})") from None
+    return iter(ds), source, False
+
+
+def load_rows(source, ctx, n_rows=None, cache_dir=DEFAULT_CACHE):
+    """np.memmap (R, ctx) of uint16 tokens. A local source is read whole; a hub source is streamed until
+    n_rows rows exist (all of it when n_rows is None). Cached under cache_dir by source and ctx."""
+    records, key_src, local = _source_records(source)
+    key = hashlib.sha1(f"{key_src}|{ctx}".encode()).hexdigest()[:16]
+    os.makedirs(cache_dir, exist_ok=True)
+    bin_path, meta_path = os.path.join(cache_dir, f"{key}.bin"), os.path.join(cache_dir, f"{key}.json")
+    if os.path.exists(meta_path) and os.path.exists(bin_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta["complete"] or (n_rows is not None and meta["rows"] >= n_rows):
+            return np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["rows"], ctx))
+    rows, complete, buf, tmp = 0, True, [], bin_path + f".tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for tokens in _documents(records, source):
+            buf.extend(tokens)
+            if len(buf) >= ctx:
+                n = len(buf) // ctx
+                if n_rows is not None and not local:
+                    n = min(n, n_rows - rows)
+                arr = np.asarray(buf[:n * ctx], dtype=np.int64)
+                if arr.size and arr.max() >= 2 ** 16:
+                    raise ValueError(f"dataset {source!r} has token id {arr.max()}, above what uint16 holds")
+                f.write(arr.astype(np.uint16).tobytes())
+                rows, buf = rows + n, buf[n * ctx:]
+            if n_rows is not None and not local and rows >= n_rows:
+                complete = False
+                break
+    if rows == 0:
+        os.remove(tmp)
+        raise ValueError(f"dataset {source!r} holds fewer than ctx = {ctx} tokens")
+    os.replace(tmp, bin_path)
+    with open(meta_path, "w") as f:
+        json.dump(dict(source=source, ctx=ctx, rows=rows, complete=complete), f)
+    return np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(rows, ctx))
+
+
+def split_rows(rows, n_eval):
+    """(eval rows, train rows): the first n_eval rows are held out for evaluation, never trained on."""
+    if n_eval >= len(rows):
+        raise ValueError(f"dataset has {len(rows)} rows of tokens; eval_samples = {n_eval} leaves none for training")
+    return rows[:n_eval], rows[n_eval:]
+
+
+def get_batch(rows, indices, device):
+    """int64 token ids (len(indices), ctx) on device, for the given row indices."""
+    import torch
+    x = torch.from_numpy(rows[np.sort(indices)].astype(np.int64))
+    return x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x
+
+
+def eval_batches(rows, batch_size, device):
+    """The eval rows in order, batch by batch."""
+    for i in range(0, len(rows), batch_size):
+        yield get_batch(rows, np.arange(i, min(i + batch_size, len(rows))), device)

@@ -1,0 +1,224 @@
+"""
+GPT-2, written out by hand, with Hugging Face parameter names and two splice points.
+
+    model = GPT.from_pretrained("gpt2")              # hub id, or a local save_pretrained folder
+    x = model.forward_to_layer(idx, L)               # (B, T, C) residual entering block L
+    logits, resids = model.forward_from_layer(x, L)  # run blocks L.. ; resids = inputs of blocks
+                                                     # L+1 .. n_layer-1, then the final residual
+An SAE is spliced in by handing forward_from_layer its reconstruction instead of x. No hooks.
+
+Residual centring (on by default): TransformerLens's `center_writing_weights`. Every weight that writes
+into the residual stream (wte, wpe, each attn/mlp c_proj weight and bias) has its mean over the d_model
+axis removed, so every residual vector is mean-zero over d. Every read of the residual goes through a
+LayerNorm, which removes that mean anyway, so the logits do not change; the SAEs of the paper were
+trained on (and the released ones expect) this centred stream. The unembedding is the *uncentred* wte.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+               "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)     # flash attention where it can
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                 # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new" is tanh GELU
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    n_positions: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_inner: int = 3072
+    layer_norm_epsilon: float = 1e-5
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.centered = False
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2 (untied by centring)
+        self.apply(self._init_weights)  # GPT-2's init, for random models (tests, benchmarks)
+        for n, p in self.named_parameters():
+            if n.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward_to_layer(self, idx, layer):
+        """Token ids (B, T) -> the residual stream entering block `layer`, (B, T, C)."""
+        B, T = idx.size()
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} is above the model's context {self.config.n_positions}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h[:layer]:
+            x = block(x)
+        return x
+
+    def forward_from_layer(self, x, layer, logits=True):
+        """Run blocks layer.. on x (B, T, C). Returns (logits (B, T, V) or None, resids) where resids is
+        the list of residuals entering blocks layer+1 .. n_layer-1 followed by the final residual (the
+        input of ln_f): n_layer - layer tensors of (B, T, C). With logits=False the unembedding is left
+        to the caller (see losses.fused_kl_div, which never builds the full (B, T, V) logits)."""
+        resids = []
+        for block in self.transformer.h[layer:]:
+            x = block(x)
+            resids.append(x)
+        out = self.lm_head(self.transformer.ln_f(x)) if logits else None
+        return out, resids
+
+    def forward(self, idx):
+        """Token ids (B, T) -> logits (B, T, V), at every position."""
+        return self.forward_from_layer(self.forward_to_layer(idx, 0), 0)[0]
+
+    @torch.no_grad()
+    def center_writing_weights(self):
+        """Remove the mean over d_model from every weight and bias that writes into the residual stream.
+        nn.Linear weights are (out, in), so the d_model axis of a c_proj weight is dim 0."""
+        if self.centered:
+            return self
+        tr = self.transformer
+        self.lm_head.weight = nn.Parameter(tr.wte.weight.detach().clone())  # the unembedding stays uncentred
+        tr.wte.weight = nn.Parameter(tr.wte.weight - tr.wte.weight.mean(-1, keepdim=True))
+        tr.wpe.weight.sub_(tr.wpe.weight.mean(-1, keepdim=True))
+        for block in tr.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.sub_(proj.weight.mean(0, keepdim=True))
+                proj.bias.sub_(proj.bias.mean())
+        self.centered = True
+        return self
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, center=True):
+        """A GPT-2 from a local folder (config.json + model.safetensors or pytorch_model.bin, as written by
+        transformers' save_pretrained) or a Hugging Face hub id. Returns the model frozen, in eval mode."""
+        config_file, weights_file = _resolve_checkpoint(name_or_path)
+        with open(config_file) as f:
+            hf = json.load(f)
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(f"model {name_or_path!r} has model_type {hf.get('model_type')!r}; only 'gpt2' is supported")
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"model {name_or_path!r} uses activation {hf['activation_function']!r}; "
+                             "only GPT-2's tanh GELU ('gelu_new') is supported")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise ValueError(f"model {name_or_path!r} uses attention options this GPT-2 does not implement")
+        config = GPTConfig(n_positions=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
+                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        model = cls(config)
+        if weights_file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd_hf = load_file(weights_file)
+        else:
+            sd_hf = torch.load(weights_file, map_location="cpu", weights_only=True)
+        # the hub's gpt2 has no "transformer." prefix; a save_pretrained of GPT2LMHeadModel has it
+        sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        sd = model.state_dict()
+        keys = [k for k in sd if k != "lm_head.weight"]  # lm_head is tied to wte
+        missing = [k for k in keys if k.removeprefix("transformer.") not in sd_hf]
+        if missing:
+            raise ValueError(f"model {name_or_path!r}: weights file lacks {missing[0]} (and {len(missing) - 1} more)")
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k in keys:
+                w = sd_hf[k.removeprefix("transformer.")]
+                if k.endswith(conv1d):  # HF stores these as Conv1D (in, out); nn.Linear wants (out, in)
+                    w = w.t()
+                assert w.shape == sd[k].shape, f"{k}: checkpoint {tuple(w.shape)} vs model {tuple(sd[k].shape)}"
+                sd[k].copy_(w.float())
+        model.name = name_or_path
+        if center:
+            model.center_writing_weights()
+        model.requires_grad_(False)
+        return model.eval()
+
+
+def _resolve_checkpoint(name_or_path):
+    """(config.json path, weights path) for a local folder or a hub id; downloads only those two files."""
+    if os.path.isdir(name_or_path):
+        files = [os.path.join(name_or_path, f) for f in ("config.json", "model.safetensors", "pytorch_model.bin")]
+        if not os.path.isfile(files[0]):
+            raise ValueError(f"model folder {name_or_path!r} has no config.json")
+        weights = next((f for f in files[1:] if os.path.isfile(f)), None)
+        if weights is None:
+            raise ValueError(f"model folder {name_or_path!r} has neither model.safetensors nor pytorch_model.bin")
+        return files[0], weights
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:  # a path, not a hub id
+        raise ValueError(f"model folder {name_or_path!r} does not exist; give a local folder or a hub id such as 'gpt2'")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    repo = HUB_ALIASES.get(name_or_path, name_or_path)
+    try:
+        config_file = hf_hub_download(repo, "config.json")
+        try:
+            weights = hf_hub_download(repo, "model.safetensors")
+        except EntryNotFoundError:
+            weights = hf_hub_download(repo, "pytorch_model.bin")
+    except Exception as e:  # offline, unknown repo, gated repo: one line, not a traceback
+        raise ValueError(f"model {name_or_path!r} is neither a local folder nor a reachable hub repo "
+                         f"({type(e).__name__}); give e.g. 'gpt2' or a save_pretrained folder") from None
+    return config_file, weights

@@ -1,0 +1,76 @@
+"""
+The sparse autoencoder of the paper (Braun et al. 2024), exactly:
+
+    c     = ReLU(W_e x + b_e)                  W_e: (n_dict, d)   b_e: (n_dict,)
+    x_hat = D c + b_d,   D = W_d / ‖W_d‖_col   W_d: (d, n_dict)   b_d: (d,)
+
+D divides each decoder column by its L2 norm in *every* forward pass (a reparametrisation: the stored
+weight is never renormalised in place). No pre-encoder bias, no input scaling. Init: nn.Linear defaults
+for both biases and the encoder; W_d orthogonal (W_d W_dᵀ = I_d). n_dict = dict_ratio × d.
+
+On disk an SAE is a folder with `sae.safetensors` (encoder.weight, encoder.bias, decoder.weight,
+decoder.bias) and `sae.json` (d, n_dict, layer, model, center, and the training args), so it can be
+used without its training run:  sae, cfg = load_sae(folder).
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SAE(nn.Module):
+
+    def __init__(self, d, n_dict):
+        super().__init__()
+        self.d, self.n_dict = d, n_dict
+        self.encoder = nn.Linear(d, n_dict)  # weight (n_dict, d)
+        self.decoder = nn.Linear(n_dict, d)  # weight (d, n_dict): one column per feature
+        nn.init.orthogonal_(self.decoder.weight)
+
+    def dict_elements(self):
+        """The unit-norm decoder columns D, (d, n_dict)."""
+        w = self.decoder.weight
+        return w / w.norm(dim=0, keepdim=True)
+
+    def encode(self, x):
+        return F.relu(self.encoder(x))  # (..., n_dict)
+
+    def decode(self, c):
+        return F.linear(c, self.dict_elements(), self.decoder.bias)  # (..., d)
+
+    def forward(self, x):
+        c = self.encode(x)
+        return self.decode(c), c
+
+
+def save_sae(sae, out_dir, cfg):
+    """Write sae.safetensors + sae.json into out_dir, each atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
+    tmp = os.path.join(out_dir, "sae.safetensors.tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, os.path.join(out_dir, "sae.safetensors"))
+    cfg = dict(cfg, d=sae.d, n_dict=sae.n_dict)
+    tmp = os.path.join(out_dir, "sae.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "sae.json"))
+
+
+def load_sae(out_dir, device="cpu"):
+    """(SAE, cfg dict) from a folder written by save_sae."""
+    from safetensors.torch import load_file
+    path = os.path.join(out_dir, "sae.safetensors")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(out_dir, "sae.json")):
+        raise ValueError(f"{out_dir!r} holds no saved SAE (sae.safetensors + sae.json)")
+    with open(os.path.join(out_dir, "sae.json")) as f:
+        cfg = json.load(f)
+    try:
+        sae = SAE(cfg["d"], cfg["n_dict"])
+        sae.load_state_dict(load_file(path))
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a valid SAE file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return sae.to(device), cfg

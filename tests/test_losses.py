@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from losses import downstream_mse, fused_kl_div, kl_div, logit_stats, mse_loss, sparsity_loss
+
+
+def test_kl_equals_hand_sum_and_direction():
+    g = torch.Generator().manual_seed(0)
+    new, clean = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g) * 2
+    p_new, p_clean = new.softmax(-1), clean.softmax(-1)
+    hand = sum((p_clean[b, t] * (p_clean[b, t].log() - p_new[b, t].log())).sum().item()
+               for b in range(2) for t in range(3)) / 6
+    reverse = sum((p_new[b, t] * (p_new[b, t].log() - p_clean[b, t].log())).sum().item()
+                  for b in range(2) for t in range(3)) / 6
+    assert kl_div(new, clean).item() == pytest.approx(hand, rel=1e-5)
+    assert abs(hand - reverse) > 1e-2  # so the direction is actually tested
+    W = torch.eye(11)
+    assert fused_kl_div(new, clean, W, chunk_size=4).item() == pytest.approx(hand, rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_fused_kl_value_and_grad_match_plain(chunk):
+    g = torch.Generator().manual_seed(1)
+    B, T, C, V = 3, 21, 16, 503
+    W = torch.randn(V, C, generator=g) * 0.5
+    h = torch.randn(B, T, C, generator=g, requires_grad=True)
+    h_clean = torch.randn(B, T, C, generator=g)
+    ref = kl_div(h @ W.t(), h_clean @ W.t())
+    (g_ref,) = torch.autograd.grad(ref, h)
+    out = fused_kl_div(h, h_clean, W, chunk_size=chunk)
+    (g_out,) = torch.autograd.grad(out * 3.0, h)  # a scaled upstream gradient flows through
+    assert out.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+    assert (g_out - 3.0 * g_ref).abs().max().item() < 1e-5 * max(1.0, g_ref.abs().max().item())
+    assert g_out.shape == h.shape
+
+
+def test_fused_kl_bf16_autocast_close():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(300, 32, generator=g) * 0.3
+    h, h_clean = torch.randn(40, 32, generator=g), torch.randn(40, 32, generator=g)
+    ref = kl_div(h @ W.t(), h_clean @ W.t()).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_kl_div(h, h_clean, W, chunk_size=16)
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref, rel=3e-2)
+
+
+def test_logit_stats_matches_plain_formulas():
+    g = torch.Generator().manual_seed(3)
+    B, T, C, V = 2, 9, 8, 50
+    W = torch.randn(V, C, generator=g)
+    h, h_clean = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    s = logit_stats(h, h_clean, W, idx, chunk_size=5)
+    logits, logits_clean = h @ W.t(), h_clean @ W.t()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+    ce_clean = torch.nn.functional.cross_entropy(logits_clean[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+    assert s["n_ce"] == B * (T - 1) and s["n_kl"] == B * T
+    assert s["ce"] / s["n_ce"] == pytest.approx(ce.item(), rel=1e-5)
+    assert s["ce_clean"] / s["n_ce"] == pytest.approx(ce_clean.item(), rel=1e-5)
+    assert s["kl"] / s["n_kl"] == pytest.approx(kl_div(logits, logits_clean).item(), rel=1e-5)
+
+
+def test_sparsity_mse_downstream_formulas():
+    c = torch.tensor([[[1.0, 0.0, -2.0], [0.5, 0.5, 0.0]]])  # (1, 2, 3)
+    assert sparsity_loss(c, d=4).item() == pytest.approx(((3.0 + 1.0) / 2) / 4)
+    a, b = torch.zeros(2, 3), torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    assert mse_loss(a, b).item() == pytest.approx((1 + 4 + 9) / 6)
+    r1, r2 = [a, a], [b, torch.ones(2, 3)]
+    assert downstream_mse(r1, r2).item() == pytest.approx(((14 / 6) + 1.0) / 2)
+    with pytest.raises(ValueError):
+        downstream_mse([], [])
+    assert math.isfinite(sparsity_loss(c.bfloat16(), 3).item())

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from model import GPT
+from conftest import write_tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def hf_and_idx(tiny_model_dir):
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(idx).logits
+    return ref, idx
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_logits_match_transformers(tiny_model_dir, hf_and_idx, center):
+    ref, idx = hf_and_idx
+    model = GPT.from_pretrained(tiny_model_dir, center=center)
+    with torch.no_grad():
+        logits = model(idx)
+    assert logits.shape == ref.shape  # full (B, T, V) logits
+    assert (logits - ref).abs().max().item() <= 1e-5
+
+
+def test_pytorch_model_bin_and_unprefixed_keys(tmp_path, hf_and_idx):
+    """The hub's gpt2 stores keys without 'transformer.' and ships pytorch_model.bin; both load."""
+    import torch as t
+    from safetensors.torch import load_file
+    ref, idx = hf_and_idx
+    d = tmp_path / "m"
+    write_tiny_gpt2(str(d))
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    t.save({k.removeprefix("transformer."): v for k, v in sd.items()}, str(d / "pytorch_model.bin"))
+    with torch.no_grad():
+        logits = GPT.from_pretrained(str(d))(idx)
+    assert (logits - ref).abs().max().item() <= 1e-5
+
+
+def test_centring_makes_residual_mean_zero(tiny_model_dir, hf_and_idx):
+    _, idx = hf_and_idx
+    centred, plain = GPT.from_pretrained(tiny_model_dir), GPT.from_pretrained(tiny_model_dir, center=False)
+    with torch.no_grad():
+        for L in range(centred.config.n_layer + 1):
+            x = centred.forward_to_layer(idx, L)
+            assert x.mean(-1).abs().max().item() < 1e-6
+        assert plain.forward_to_layer(idx, 1).mean(-1).abs().max().item() > 1e-4  # it did something
+    assert centred.lm_head.weight.data_ptr() != centred.transformer.wte.weight.data_ptr()
+
+
+def test_splice_identity_every_layer(tiny_model_dir, hf_and_idx):
+    _, idx = hf_and_idx
+    model = GPT.from_pretrained(tiny_model_dir)
+    n_layer = model.config.n_layer
+    with torch.no_grad():
+        full = model(idx)
+        for L in range(n_layer):
+            x = model.forward_to_layer(idx, L)
+            logits, resids = model.forward_from_layer(x, L)
+            assert torch.equal(logits, full)
+            assert len(resids) == n_layer - L
+            for k, r in zip(range(L + 1, n_layer), resids):  # resids[i] enters block L+1+i
+                assert torch.equal(r, model.forward_to_layer(idx, k))
+            none, _ = model.forward_from_layer(x, L, logits=False)
+            assert none is None
+
+
+def test_weights_frozen(tiny_model_dir):
+    model = GPT.from_pretrained(tiny_model_dir)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_bad_model_inputs(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="does not exist"):
+        GPT.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no config.json"):
+        GPT.from_pretrained(str(tmp_path))
+    import json, shutil
+    bad = tmp_path / "bert"
+    shutil.copytree(tiny_model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        GPT.from_pretrained(str(bad))
+    model = GPT.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="above the model's context"):
+        model.forward_to_layer(torch.zeros(1, 65, dtype=torch.long), 0)

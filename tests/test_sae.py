@@ -1,0 +1,44 @@
+import torch
+
+from sae import SAE, load_sae, save_sae
+
+
+def test_orthogonal_init_and_shapes():
+    torch.manual_seed(0)
+    sae = SAE(16, 64)
+    W = sae.decoder.weight  # (d, n_dict)
+    assert W.shape == (16, 64) and sae.encoder.weight.shape == (64, 16)
+    assert torch.allclose(W @ W.t(), torch.eye(16), atol=1e-5)
+    norms = W.norm(dim=0)
+    assert not torch.allclose(norms, torch.ones(64))  # raw columns are not unit norm at init
+
+
+def test_forward_uses_unit_norm_columns():
+    torch.manual_seed(0)
+    sae = SAE(16, 64)
+    with torch.no_grad():
+        sae.decoder.weight.mul_(torch.rand(64) * 3 + 0.1)  # arbitrary column norms
+    raw = sae.decoder.weight.clone()
+    x = torch.randn(5, 7, 16)
+    x_hat, c = sae(x)
+    assert x_hat.shape == x.shape and c.shape == (5, 7, 64) and (c >= 0).all()
+    W_e, b_e, b_d = sae.encoder.weight, sae.encoder.bias, sae.decoder.bias
+    D = raw / raw.norm(dim=0, keepdim=True)
+    c_ref = torch.relu(x @ W_e.t() + b_e)
+    assert torch.allclose(c, c_ref, atol=1e-6)
+    assert torch.allclose(x_hat, c_ref @ D.t() + b_d, atol=1e-5)
+    assert torch.allclose(sae.dict_elements().norm(dim=0), torch.ones(64), atol=1e-6)
+    assert torch.equal(sae.decoder.weight, raw)  # never renormalised in place
+
+
+def test_save_load_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    sae = SAE(16, 48)
+    with torch.no_grad():
+        sae.encoder.bias.normal_()
+    save_sae(sae, str(tmp_path), dict(layer=1, model="m", center=True, args={"loss": "e2e"}))
+    sae2, cfg = load_sae(str(tmp_path))
+    assert cfg["d"] == 16 and cfg["n_dict"] == 48 and cfg["layer"] == 1 and cfg["args"]["loss"] == "e2e"
+    x = torch.randn(4, 16)
+    for a, b in zip(sae(x), sae2(x)):
+        assert torch.equal(a, b)
