@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+from losses import downstream_mse, fused_kl_div, mse_loss, sparsity_loss
+
 # paper Table 2 ("similar CE increase"): λ per (loss, layer); β (--ds_coeff) per layer. For a layer the
 # paper did not train, the nearest of 2, 6, 10 is used (the lower one on a tie).
 L1_SIMILAR_CE = {("local", 2): 0.8, ("e2e", 2): 0.5, ("e2e_ds", 2): 10.0, ("local", 6): 4.0, ("e2e", 6): 3.0,
@@ -151,6 +153,37 @@ def load_checkpoint(path):
     return ckpt
 
 
+def loss_step(model, sae, idx, args, fired=None):
+    """(loss, parts) for one micro-batch of token ids (B, T): the only place the three kinds differ.
+    The prefix to layer L runs once without grad; for e2e kinds the clean suffix runs without grad (its
+    final hidden state and later residuals are the targets); then the SAE, then the spliced suffix with
+    gradients flowing through the frozen blocks into the SAE. Local runs never run the suffix.
+    fired (n_dict,), if given, is incremented by how often each feature fired."""
+    L, ln_f, W_U = args.layer, model.transformer.ln_f, model.lm_head.weight
+    with torch.no_grad():
+        x = model.forward_to_layer(idx, L)                              # (B, T, C)
+        if args.loss != "local":
+            _, clean = model.forward_from_layer(x, L, logits=False)     # residuals entering L+1.., final
+            h_clean = ln_f(clean[-1])                                   # (B, T, C)
+    x_hat, c = sae(x)
+    parts = dict(sparsity=sparsity_loss(c, x.size(-1)))
+    if args.loss == "local":
+        parts["mse"] = mse_loss(x_hat, x)
+        loss = parts["mse"] + args.l1 * parts["sparsity"]
+    else:
+        _, resids = model.forward_from_layer(x_hat.float(), L, logits=False)
+        parts["kl"] = fused_kl_div(ln_f(resids[-1]), h_clean, W_U, args.kl_chunk)
+        loss = args.kl_coeff * parts["kl"] + args.l1 * parts["sparsity"]
+        if args.loss == "e2e_ds":
+            parts["ds"] = downstream_mse(resids[:-1], clean[:-1])
+            loss = loss + args.ds_coeff * parts["ds"]
+    active = (c > 0).reshape(-1, c.size(-1))                            # (B*T, n_dict)
+    parts["l0"] = active.sum(-1).float().mean()
+    if fired is not None:
+        fired.add_(active.sum(0, dtype=torch.float64))
+    return loss, parts
+
+
 def main():
     args = resolve_defaults(parser.parse_args())
     # ---------------------------------------------------------------- set-up: every bad input fails here
@@ -205,7 +238,6 @@ def main():
 
     from eval import evaluate
     from data import eval_batches, get_batch
-    from losses import downstream_mse, fused_kl_div, mse_loss, sparsity_loss
     from sae import SAE, save_sae
     torch.manual_seed(args.seed)
     if device.startswith("cuda"):
@@ -233,7 +265,7 @@ def main():
     steps = args.n_samples // eff_batch
     accum = args.grad_accum // world  # micro-batches per rank
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    ln_f, W_U, L = model.transformer.ln_f, model.lm_head.weight, args.layer
+    L = args.layer
     sae_cfg = dict(layer=L, model=args.model, center=not args.no_center, loss=args.loss, args=vars(args))
     stop = []
     for s in (signal.SIGTERM, signal.SIGINT):
@@ -241,30 +273,6 @@ def main():
     if master and args.wandb:
         import wandb
         wandb.init(project=args.wandb_project, config=vars(args), resume="allow")
-
-    def micro_step(idx):
-        """Loss parts of one micro-batch; the only place the three kinds differ."""
-        with torch.no_grad():
-            x = model.forward_to_layer(idx, L)                            # (B, T, C), prefix once
-            if args.loss != "local":
-                _, clean = model.forward_from_layer(x, L, logits=False)   # targets: later residuals
-                h_clean = ln_f(clean[-1])                                 # (B, T, C)
-        x_hat, c = sae_ddp(x)
-        parts = dict(sparsity=sparsity_loss(c, C))
-        if args.loss == "local":
-            parts["mse"] = mse_loss(x_hat, x)
-            loss = parts["mse"] + args.l1 * parts["sparsity"]
-        else:  # gradients flow through the frozen blocks L.. into the SAE
-            _, resids = model.forward_from_layer(x_hat.float(), L, logits=False)
-            parts["kl"] = fused_kl_div(ln_f(resids[-1]), h_clean, W_U, args.kl_chunk)
-            loss = args.kl_coeff * parts["kl"] + args.l1 * parts["sparsity"]
-            if args.loss == "e2e_ds":
-                parts["ds"] = downstream_mse(resids[:-1], clean[:-1])
-                loss = loss + args.ds_coeff * parts["ds"]
-        active = (c > 0).reshape(-1, c.size(-1))
-        parts["l0"] = active.sum(-1).float().mean()
-        fired.add_(active.sum(0, dtype=torch.float64))
-        return loss, parts
 
     def save(next_step, finished=False):
         if not master:
@@ -301,7 +309,7 @@ def main():
             idx = get_batch(train_rows, sample_rows(args.seed, len(train_rows), start, args.batch_size), device)
             sync = not ddp or j == accum - 1
             with (contextlib.nullcontext() if sync else sae_ddp.no_sync()), autocast:
-                loss, parts = micro_step(idx)
+                loss, parts = loss_step(model, sae_ddp, idx, args, fired)
                 (loss / accum).backward()
             for k, v in dict(parts, loss=loss).items():
                 logs[k] = logs.get(k, 0.0) + v.detach() / accum
