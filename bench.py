@@ -1,0 +1,185 @@
+"""
+Benchmark training steps of each loss on a randomly initialised GPT-2 of a given shape.
+
+    python bench.py                                            # GPT-2 small shape, ctx 128, batch 4, layer 6
+    python bench.py --n_layer 4 --n_head 4 --n_embd 128 --batch_size 8 --layer 2 --naive   # fast vs naive
+    python bench.py --device cuda --dtype bfloat16 --compile --ctx 1024 --batch_size 8 --dict_ratio 60
+
+Each (loss, path) runs in a fresh process, so peak memory is its own (CPU: peak RSS; CUDA: max allocated).
+After --warmup steps, --steps optimizer steps are timed. One step = one micro-batch forward + backward,
+grad clip and Adam step, exactly train.py's loss_step. --naive also runs the step the way the reference
+implementation does: a full clean forward to fp32 logits, a second full forward from the embedding with
+the SAE spliced in, full fp32 logits, the plain KL (losses.kl_div).
+
+MFU = the step's model FLOPs / the matmul FLOP/s measured on this machine, in this run, in the same
+dtype. Model FLOPs count each matmul the step needs once (2·m·n·k): prefix, clean suffix and unembedding
+(e2e kinds), SAE forward and backward, spliced suffix forward and its input-gradient backward, and the
+three unembedding matmuls of the KL (spliced, clean, gradient). Recomputation is not counted.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# model shape
+parser.add_argument("--n_layer", type=int, default=12)
+parser.add_argument("--n_head", type=int, default=12)
+parser.add_argument("--n_embd", type=int, default=768)
+parser.add_argument("--vocab_size", type=int, default=50257)
+# step
+parser.add_argument("--ctx", type=int, default=128)
+parser.add_argument("--batch_size", type=int, default=4)
+parser.add_argument("--layer", type=int, default=6)
+parser.add_argument("--dict_ratio", type=float, default=8.0)
+parser.add_argument("--loss", default="all", choices=["local", "e2e", "e2e_ds", "all"])
+parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per fused-KL chunk (default: train.py's)")
+# measurement
+parser.add_argument("--steps", type=int, default=5, help="timed steps")
+parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
+parser.add_argument("--naive", action="store_true", help="also run the reference's way, side by side")
+parser.add_argument("--json", action="store_true", help="print only the JSON lines")
+parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "loss:fast|naive": one measurement
+
+
+def naive_loss_step(model, sae, idx, args):
+    """The reference's e2e step: the whole clean model to full fp32 logits, then the whole model again from
+    the tokens with the SAE spliced in, full fp32 logits, and the plain KL on them. Local: as train.py."""
+    from losses import downstream_mse, kl_div, sparsity_loss
+    from train import loss_step
+    if args.loss == "local":
+        return loss_step(model, sae, idx, args)
+    L = args.layer
+    with torch.no_grad():
+        logits_clean, clean = model.forward_from_layer(model.forward_to_layer(idx, L), L)
+        logits_clean = logits_clean.float().clone()
+    x = model.forward_to_layer(idx, L)  # the prefix again
+    x_hat, c = sae(x)
+    logits, resids = model.forward_from_layer(x_hat.float(), L)
+    parts = dict(sparsity=sparsity_loss(c, x.size(-1)), kl=kl_div(logits, logits_clean))
+    loss = args.kl_coeff * parts["kl"] + args.l1 * parts["sparsity"]
+    if args.loss == "e2e_ds":
+        parts["ds"] = downstream_mse(resids[:-1], clean[:-1])
+        loss = loss + args.ds_coeff * parts["ds"]
+    return loss, parts
+
+
+def step_flops(cfg, args, n_dict):
+    """Model FLOPs of one step (see the module docstring)."""
+    N, C, V, T = args.batch_size * args.ctx, cfg.n_embd, cfg.vocab_size, args.ctx
+    block = 2 * (4 * C * C + 2 * C * cfg.n_inner) + 4 * T * C  # per token: 4 C×C + 2 C×4C matmuls, QKᵀ and AV
+    prefix, suffix = args.layer * block, (cfg.n_layer - args.layer) * block
+    sae = 2 * C * n_dict * 2 * 3  # encoder + decoder, forward and backward (two grads each)
+    if args.loss == "local":
+        return N * (prefix + sae)
+    unembed = 2 * C * V
+    return N * (prefix + (suffix + unembed) + sae + 2 * suffix + 2 * unembed)  # clean, spliced fwd, bwd = fwd
+
+
+def matmul_flops(device, dtype, n=2048, reps=5):
+    """Measured FLOP/s of an n×n×n matmul in dtype: the machine's attainable matmul peak."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def measure(args, loss, path):
+    """One (loss, path) measurement in this process; returns the JSON dict."""
+    from model import GPT, GPTConfig
+    from sae import SAE
+    from train import KL_COEFF, loss_step
+    device = args.device
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_positions=max(1024, args.ctx), vocab_size=args.vocab_size, n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd, n_inner=4 * args.n_embd)
+    model = GPT(cfg).center_writing_weights().to(device).requires_grad_(False).eval()
+    sae = SAE(cfg.n_embd, int(args.dict_ratio * cfg.n_embd)).to(device)
+    if args.compile:
+        for block in model.transformer.h:
+            block.compile()
+        sae.compile()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    step_args = argparse.Namespace(loss=loss, layer=args.layer, l1=1.0, kl_coeff=KL_COEFF.get(loss, 0.0),
+                                   ds_coeff=2.5, kl_chunk=args.kl_chunk or 128,
+                                   batch_size=args.batch_size, ctx=args.ctx)
+    fn = naive_loss_step if path == "naive" else loss_step
+    idx = torch.randint(0, cfg.vocab_size, (args.batch_size, args.ctx), device=device)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t = time.perf_counter()
+        with autocast:
+            loss_value, _ = fn(model, sae, idx, step_args)
+        loss_value.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 10.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t)
+    s = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]  # median
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    flops = step_flops(cfg, step_args, sae.n_dict)
+    mm = matmul_flops(device, torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    return dict(loss=loss, path=path, device=device, dtype=args.dtype, compile=args.compile,
+                s_per_step=s, tokens_per_s=args.batch_size * args.ctx / s, peak_mem_mb=peak,
+                step_gflop=flops / 1e9, matmul_gflops=mm / 1e9, mfu=flops / s / mm, threads=torch.get_num_threads())
+
+
+def main():
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker:
+        loss, path = args.worker.split(":")
+        if args.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+        print(json.dumps(measure(args, loss, path)))
+        return
+    if not 0 <= args.layer < args.n_layer:
+        sys.exit(f"bench.py: error: --layer {args.layer} is outside 0..{args.n_layer - 1}")
+    losses = ["local", "e2e", "e2e_ds"] if args.loss == "all" else [args.loss]
+    rows = []
+    for loss in losses:
+        for path in ["fast", "naive"] if args.naive else ["fast"]:
+            if path == "naive" and loss == "local":
+                continue  # the same step as fast for local runs
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", f"{loss}:{path}",
+                                "--device", args.device], capture_output=True, text=True)
+            if p.returncode != 0:
+                sys.exit(f"bench.py: error: {loss}/{path} failed: {p.stderr.strip().splitlines()[-1]}")
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    if args.json:
+        return
+    shape = f"{args.n_layer}L d{args.n_embd} V{args.vocab_size} ctx {args.ctx} batch {args.batch_size} layer {args.layer} ratio {args.dict_ratio:g}"
+    print(f"\n{shape} | {rows[0]['device']} {args.dtype}{' compile' if args.compile else ''} | "
+          f"matmul {rows[0]['matmul_gflops']:.0f} GFLOP/s | {rows[0]['threads']} threads")
+    print(f"{'loss':8s} {'path':6s} {'s/step':>8s} {'tok/s':>9s} {'peak MB':>8s} {'MFU':>6s} {'speed-up':>8s}")
+    for r in rows:
+        naive = next((n for n in rows if n["loss"] == r["loss"] and n["path"] == "naive"), None)
+        gain = f"{naive['s_per_step'] / r['s_per_step']:.2f}x" if naive and r["path"] == "fast" else ""
+        print(f"{r['loss']:8s} {r['path']:6s} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_mem_mb']:8.0f} "
+              f"{r['mfu']:6.2f} {gain:>8s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The fast training step (train.loss_step: prefix once, fused KL) and the reference's way
+(bench.naive_loss_step: two full forwards, full logits, plain KL) give the same loss and gradients."""
+import argparse
+import copy
+
+import pytest
+import torch
+
+from bench import naive_loss_step, step_flops
+from model import GPT
+from sae import SAE
+from train import loss_step
+
+
+@pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
+def test_fast_and_naive_steps_agree(tiny_model_dir, loss):
+    model = GPT.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    sae = SAE(model.config.n_embd, 4 * model.config.n_embd)
+    sae_naive = copy.deepcopy(sae)
+    args = argparse.Namespace(loss=loss, layer=1, l1=0.7, kl_coeff=0.5, ds_coeff=2.5, kl_chunk=7)
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(1))
+    fast, parts = loss_step(model, sae, idx, args)
+    naive, parts_naive = naive_loss_step(model, sae_naive, idx, args)
+    fast.backward()
+    naive.backward()
+    assert fast.item() == pytest.approx(naive.item(), rel=1e-5)
+    for k in parts_naive:
+        assert parts[k].item() == pytest.approx(parts_naive[k].item(), rel=1e-5, abs=1e-8), k
+    for (name, p), q in zip(sae.named_parameters(), sae_naive.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_step_flops_counts():
+    cfg = GPT.__init__.__globals__["GPTConfig"](n_layer=4, n_embd=8, n_head=2, n_inner=32, vocab_size=10)
+    a = argparse.Namespace(batch_size=2, ctx=3, layer=1, loss="local")
+    block = 2 * (4 * 64 + 2 * 8 * 32) + 4 * 3 * 8
+    assert step_flops(cfg, a, 16) == 6 * (block + 2 * 8 * 16 * 2 * 3)
+    a.loss = "e2e"
+    e2e = 6 * (block + 3 * 3 * block + 3 * 2 * 8 * 10 + 2 * 8 * 16 * 6)
+    assert step_flops(cfg, a, 16) == e2e
