@@ -1,0 +1,299 @@
+"""
+SAEs in and out of other tools' formats, and to / from the Hugging Face hub.
+
+    python interop.py import-apollo e2e_similar_ce_layer_6.pt out/apollo_e2e_L6   # reads the .yaml beside it
+    python interop.py export-saelens out/e2e_ds_L6 export/e2e_ds_L6
+    python interop.py import-saelens export/e2e_ds_L6 out/e2e_ds_L6_copy
+    python interop.py push export/e2e_ds_L6 USER/REPO --path_in_repo e2e_ds_L6      # needs a hub token
+    python interop.py pull USER/REPO out/pulled --path_in_repo e2e_ds_L6
+
+Every format holds the same function (the paper's shapes, W_e (n_dict, d), W_d (d, n_dict)):
+    c = ReLU(W_e x + b_e),   x_hat = D c + b_d,   D = W_d / ‖W_d‖_col
+
+ours     a run folder: sae.safetensors + sae.json (see sae.py); optional firing.safetensors: `freq` (n_dict,)
+         fp64, the fraction of tokens on which each feature fired, and string metadata tokens / dataset /
+         held_out (eval.py --save_firing writes it).
+Apollo   FILE.pt, a state dict with P = blocks-L-hook_resid_pre: P.encoder.0.weight (n_dict, d),
+         P.encoder.0.bias (n_dict,), P.decoder.weight (d, n_dict) raw, not unit norm, P.decoder.bias (d,);
+         FILE.yaml, its training config (saes.sae_positions, tlens_model_name, train_data, loss). It expects
+         the centred residual (TransformerLens's default). Decoder columns are normalised on import.
+SAELens  a folder: cfg.json + sae_weights.safetensors, architecture `standard`, row vectors:
+         W_enc = W_eᵀ (d, n_dict), b_enc = b_e, W_dec = Dᵀ (n_dict, d), b_dec = b_d, apply_b_dec_to_input false;
+         sparsity.safetensors: `sparsity` = log10(freq + 1e-10), SAELens's convention (dead features: -10).
+         The centring is metadata.model_from_pretrained_kwargs.center_writing_weights (default true).
+A SAELens SAE with W_dec rows of norm n ≠ 1 imports exactly by folding n into the encoder
+(ReLU(z) n = ReLU(z n) for n > 0); apply_b_dec_to_input true folds into b_e = b_enc − W_encᵀ b_dec.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+from sae import SAE, load_sae, save_sae
+
+APOLLO_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
+TLENS_NAMES = {"gpt2-small": "gpt2"}  # TransformerLens model names that differ from ours
+EPS = 1e-10  # SAELens's offset inside log10(freq + EPS)
+
+
+def hook_layer(name):
+    """L from 'blocks.L.hook_resid_pre' (TransformerLens) or 'blocks-L-hook_resid_pre' (Apollo's keys)."""
+    m = re.fullmatch(r"blocks[.-](\d+)[.-]hook_resid_pre", str(name))
+    if m is None:
+        raise ValueError(f"SAE position {name!r} is not the residual stream entering a block "
+                         "(blocks.L.hook_resid_pre); only those are supported")
+    return int(m.group(1))
+
+
+def sae_from(W_e, b_e, W_d, b_d):
+    """An SAE holding exactly these tensors (paper shapes), as fp32."""
+    n_dict, d = W_e.shape
+    if tuple(b_e.shape) != (n_dict,) or tuple(W_d.shape) != (d, n_dict) or tuple(b_d.shape) != (d,):
+        raise ValueError(f"inconsistent SAE shapes: W_e {tuple(W_e.shape)}, b_e {tuple(b_e.shape)}, "
+                         f"W_d {tuple(W_d.shape)}, b_d {tuple(b_d.shape)}")
+    sae = SAE(d, n_dict)
+    sae.load_state_dict({"encoder.weight": W_e.float(), "encoder.bias": b_e.float(),
+                         "decoder.weight": W_d.float(), "decoder.bias": b_d.float()})
+    return sae
+
+
+def _json_safe(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+# ----------------------------------------------------------------------------- firing frequencies
+
+def save_firing(out_dir, freq, tokens, **meta):
+    """firing.safetensors in out_dir: freq (n_dict,) fp64 and string metadata (tokens, plus meta)."""
+    from safetensors.torch import save_file
+    meta = {k: str(v) for k, v in dict(meta, tokens=tokens).items()}
+    tmp = os.path.join(out_dir, "firing.safetensors.tmp")
+    save_file({"freq": freq.detach().double().cpu().contiguous()}, tmp, metadata=meta)
+    os.replace(tmp, os.path.join(out_dir, "firing.safetensors"))
+
+
+def load_firing(path):
+    """dict(freq (n_dict,) fp64, tokens int or None, and the other metadata) from a run folder's
+    firing.safetensors or a SAELens folder's sparsity.safetensors; None when there is neither."""
+    from safetensors import safe_open
+    for name, key in (("firing.safetensors", "freq"), ("sparsity.safetensors", "sparsity")):
+        f = os.path.join(path, name) if os.path.isdir(path) else None
+        if f and os.path.isfile(f):
+            with safe_open(f, "pt") as st:
+                meta, t = dict(st.metadata() or {}), st.get_tensor(key).double()
+            if key == "sparsity":  # log10(freq + EPS); a dead feature reads -10
+                t = (10 ** t - EPS).clamp_min(0)
+            tokens = meta.pop("tokens", None)
+            return dict(meta, freq=t, tokens=int(tokens) if tokens and tokens.isdigit() else None, file=f)
+    return None
+
+
+# ----------------------------------------------------------------------------- Apollo's release
+
+def read_apollo(path):
+    """(SAE, cfg) from an Apollo e2e_sae .pt, with its .yaml config when one lies beside it."""
+    import yaml
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable state dict ({type(e).__name__})") from None
+    prefixes = sorted({k.split(".")[0] for k in sd})
+    if len(prefixes) != 1:
+        raise ValueError(f"{path!r} holds SAEs at {prefixes}; expected exactly one position")
+    P = prefixes[0]
+    need = [f"{P}.encoder.0.weight", f"{P}.encoder.0.bias", f"{P}.decoder.weight", f"{P}.decoder.bias"]
+    if any(k not in sd for k in need):
+        raise ValueError(f"{path!r} lacks {[k for k in need if k not in sd]}; not an Apollo e2e_sae SAE")
+    layer = hook_layer(P)
+    yaml_path, conf = os.path.splitext(path)[0] + ".yaml", {}
+    if os.path.isfile(yaml_path):
+        with open(yaml_path) as f:
+            conf = yaml.safe_load(f) or {}
+        pos = (conf.get("saes") or {}).get("sae_positions")
+        pos = pos[0] if isinstance(pos, list) and len(pos) == 1 else pos
+        if pos is not None and hook_layer(pos) != layer:
+            raise ValueError(f"{yaml_path!r} says sae_positions {pos!r}, but the weights are for {P}")
+    else:
+        print(f"interop.py: note: no {yaml_path}; layer {layer} read from the weight names", file=sys.stderr)
+    W_d = sd[f"{P}.decoder.weight"].float()
+    W_d = W_d / W_d.norm(dim=0, keepdim=True)  # the release stores raw columns; the SAE uses unit ones
+    sae = sae_from(sd[f"{P}.encoder.0.weight"], sd[f"{P}.encoder.0.bias"], W_d, sd[f"{P}.decoder.bias"])
+    loss_conf, data = conf.get("loss") or {}, conf.get("train_data") or {}
+    if loss_conf:
+        kl = ((loss_conf.get("logits_kl") or {}).get("coeff") or 0) > 0
+        loss = ("e2e_ds" if loss_conf.get("in_to_orig") else "e2e") if kl else "local"
+    else:  # the release's file names: {local,e2e,downstream}_similar_{ce,l0}_layer_L.pt
+        stem = os.path.basename(path)
+        loss = next((k for p, k in (("downstream", "e2e_ds"), ("e2e", "e2e"), ("local", "local")) if stem.startswith(p)), "unknown")
+    model = conf.get("tlens_model_name") or "gpt2"
+    cfg = dict(layer=layer, model=TLENS_NAMES.get(model, model), center=True, loss=loss,
+               l1=(loss_conf.get("sparsity") or {}).get("coeff"),
+               args=dict(dataset=data.get("dataset_name") or APOLLO_DATASET, ctx=data.get("n_ctx") or 1024),
+               imported_from=dict(format="apollo", path=os.path.abspath(path), config=_json_safe(conf)))
+    return sae, cfg
+
+
+# ----------------------------------------------------------------------------- SAELens
+
+def write_saelens(sae, cfg, out_dir, firing=None):
+    """cfg.json + sae_weights.safetensors (+ sparsity.safetensors when firing = dict(freq, tokens))."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    args = cfg.get("args", {})
+    meta = dict(sae_lens_version="6.0.0", model_name=cfg["model"], hook_name=f"blocks.{cfg['layer']}.hook_resid_pre",
+                hook_head_index=None, context_size=args.get("ctx", 1024), prepend_bos=False,
+                dataset_path=args.get("dataset"), model_from_pretrained_kwargs=dict(center_writing_weights=cfg["center"]),
+                nanosae=_json_safe(dict(loss=cfg.get("loss"), l1=cfg.get("l1", args.get("l1")), args=args)))
+    out = dict(architecture="standard", d_in=sae.d, d_sae=sae.n_dict, dtype="float32", device="cpu",
+               apply_b_dec_to_input=False, normalize_activations="none", reshape_activations="none", metadata=meta)
+    with torch.no_grad():
+        tensors = {"W_enc": sae.encoder.weight.t(), "b_enc": sae.encoder.bias,       # (d, n_dict), (n_dict,)
+                   "W_dec": sae.dict_elements().t(), "b_dec": sae.decoder.bias}      # (n_dict, d), (d,)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                  os.path.join(out_dir, "sae_weights.safetensors"))
+    with open(os.path.join(out_dir, "cfg.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    if firing is not None:
+        sparsity = torch.log10(firing["freq"].double() + EPS).float()
+        save_file({"sparsity": sparsity}, os.path.join(out_dir, "sparsity.safetensors"),
+                  metadata={"tokens": str(firing.get("tokens"))})
+
+
+def read_saelens(path):
+    """(SAE, cfg) from a SAELens folder of architecture standard on blocks.L.hook_resid_pre."""
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "cfg.json")) as f:
+        conf = json.load(f)
+    meta = conf.get("metadata") or conf  # pre-v6 configs keep these fields at the top level
+    if conf.get("architecture", "standard") != "standard":
+        raise ValueError(f"{path!r} has architecture {conf['architecture']!r}; only 'standard' (ReLU) is supported")
+    if conf.get("normalize_activations", "none") not in ("none", None):
+        raise ValueError(f"{path!r} uses normalize_activations {conf['normalize_activations']!r}; only 'none' is supported")
+    layer = hook_layer(meta.get("hook_name"))
+    try:
+        w = load_file(os.path.join(path, "sae_weights.safetensors"))
+        W_enc, b_enc, W_dec, b_dec = (w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    except Exception as e:
+        raise ValueError(f"{path!r}: sae_weights.safetensors is unreadable or lacks W_enc/b_enc/W_dec/b_dec "
+                         f"({type(e).__name__})") from None
+    if conf.get("apply_b_dec_to_input"):
+        b_enc = b_enc - b_dec @ W_enc              # relu((x - b_dec) W_enc + b_enc) = relu(x W_enc + b_enc - b_dec W_enc)
+    n = W_dec.norm(dim=1)                          # (n_dict,)
+    if (n <= 0).any():
+        raise ValueError(f"{path!r} has {(n <= 0).sum().item()} all-zero decoder rows; they have no direction")
+    if (n - 1).abs().max() > 1e-5:                 # not unit norm: move the norms into the encoder, exactly
+        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+    sae = sae_from(W_enc.t(), b_enc, W_dec.t(), b_dec)
+    ours = meta.get("nanosae") or {}
+    model = meta.get("model_name") or "gpt2"
+    kwargs = meta.get("model_from_pretrained_kwargs") or {}
+    args = dict(ours.get("args") or {})
+    args.update(dataset=meta.get("dataset_path") or args.get("dataset") or APOLLO_DATASET,
+                ctx=meta.get("context_size") or args.get("ctx") or 1024)
+    cfg = dict(layer=layer, model=TLENS_NAMES.get(model, model), center=bool(kwargs.get("center_writing_weights", True)),
+               loss=ours.get("loss") or "unknown", l1=ours.get("l1"), args=args,
+               imported_from=dict(format="saelens", path=os.path.abspath(path), config=conf))
+    return sae, cfg
+
+
+# ----------------------------------------------------------------------------- any source
+
+def source_format(path):
+    """'run', 'saelens' or 'apollo' for a path, or a ValueError naming what is allowed."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "sae.json")):
+        return "run"
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "cfg.json")):
+        return "saelens"
+    if os.path.isfile(path) and path.endswith(".pt"):
+        return "apollo"
+    raise ValueError(f"{path!r} holds no saved SAE: expected a run folder (sae.json), a SAELens folder "
+                     "(cfg.json + sae_weights.safetensors) or an Apollo .pt file")
+
+
+def load_any(path, device="cpu"):
+    """(SAE, cfg, firing or None) from a run folder, a SAELens folder or an Apollo .pt; cfg as in sae.json
+    plus cfg['format']."""
+    fmt = source_format(path)
+    if fmt == "run":
+        sae, cfg = load_sae(path)
+    else:
+        sae, cfg = (read_saelens if fmt == "saelens" else read_apollo)(path)
+    firing = load_firing(path) if fmt != "apollo" else None
+    return sae.to(device), dict(cfg, format=fmt), firing
+
+
+# ----------------------------------------------------------------------------- hub
+
+def push(folder, repo, path_in_repo=None, private=False):
+    """Upload a folder (a SAELens export or a run folder) to a Hugging Face model repo."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True, private=private)
+    return api.upload_folder(folder_path=folder, repo_id=repo, path_in_repo=path_in_repo or "",
+                             ignore_patterns=["ckpt.pt", "*.tmp"])
+
+
+def pull(repo, out_dir, path_in_repo=None):
+    """Download a folder of a Hugging Face model repo into out_dir; returns the SAE's folder."""
+    from huggingface_hub import snapshot_download
+    pattern = [f"{path_in_repo.strip('/')}/*"] if path_in_repo else None
+    root = snapshot_download(repo, local_dir=out_dir, allow_patterns=pattern)
+    return os.path.join(root, path_in_repo) if path_in_repo else root
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Convert SAEs between this project's run folders, Apollo's "
+                                     "release and SAELens, and move them to / from the Hugging Face hub.")
+    parser.error = lambda msg: sys.exit(f"interop.py: error: {msg}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("import-apollo", help="an Apollo .pt (+ .yaml) -> a run folder")
+    p.add_argument("src"), p.add_argument("out_dir")
+    p = sub.add_parser("import-saelens", help="a SAELens folder -> a run folder")
+    p.add_argument("src"), p.add_argument("out_dir")
+    p = sub.add_parser("export-saelens", help="a run folder (or any source) -> a SAELens folder")
+    p.add_argument("src"), p.add_argument("out_dir")
+    p = sub.add_parser("push", help="upload a folder to a hub model repo")
+    p.add_argument("folder"), p.add_argument("repo")
+    p.add_argument("--path_in_repo", default=None), p.add_argument("--private", action="store_true")
+    p = sub.add_parser("pull", help="download a hub repo (or one folder of it)")
+    p.add_argument("repo"), p.add_argument("out_dir"), p.add_argument("--path_in_repo", default=None)
+    for p in sub.choices.values():
+        p.error = parser.error
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd in ("import-apollo", "import-saelens", "export-saelens"):
+            if not os.path.exists(args.src):
+                raise ValueError(f"{args.src!r} does not exist")
+            want = {"import-apollo": "apollo", "import-saelens": "saelens"}.get(args.cmd)
+            if want and source_format(args.src) != want:
+                raise ValueError(f"{args.src!r} is a {source_format(args.src)} source, not {want}")
+            sae, cfg, firing = load_any(args.src)
+            cfg.pop("format")
+            if args.cmd == "export-saelens":
+                write_saelens(sae, cfg, args.out_dir, firing if firing and "freq" in firing else None)
+                note = "" if firing else " (no firing.safetensors in the source: no sparsity.safetensors; " \
+                                         "write one with `python eval.py SRC --save_firing`)"
+                print(f"wrote SAELens folder {args.out_dir}{note}")
+            else:
+                save_sae(sae, args.out_dir, cfg)
+                if firing is not None:
+                    save_firing(args.out_dir, firing["freq"], firing["tokens"], source=firing["file"])
+                print(f"wrote run folder {args.out_dir} (layer {cfg['layer']}, loss {cfg['loss']}, center {cfg['center']})")
+        elif args.cmd == "push":
+            if not os.path.isdir(args.folder):
+                raise ValueError(f"folder {args.folder!r} does not exist")
+            print(push(args.folder, args.repo, args.path_in_repo, args.private))
+        else:
+            print(pull(args.repo, args.out_dir, args.path_in_repo))
+    except (ValueError, OSError, KeyError) as e:
+        sys.exit(f"interop.py: error: {e}")
+    except Exception as e:  # hub errors (offline, no token, unknown repo): one line, not a traceback
+        sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+if __name__ == "__main__":
+    main()
