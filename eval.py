@@ -1,23 +1,49 @@
 """
 Metrics of an SAE spliced into GPT-2 at layer L (the residual stream entering block L), on eval data.
 
-    python eval.py out/e2e_ds_L6                       # the run's own held-out rows
+    python eval.py out/e2e_ds_L6                        # a run folder: its model, data and held-out rows
     python eval.py out/e2e_ds_L6 --eval_samples 100 --json
+    python eval.py out/e2e_ds_L6 --save_firing          # also write firing.safetensors (analysis, export)
+    python eval.py e2e_similar_ce_layer_6.pt --json     # Apollo's release: the .pt, with its .yaml beside it
+    python eval.py export/e2e_ds_L6 --model gpt2        # a SAELens folder
 
-evaluate(model, sae, layer, batches) returns one dict (also what --json prints):
+Sources (see interop.py): a run folder, an Apollo .pt or a SAELens folder. Model, dataset and ctx come from
+--model / --dataset / --ctx, else the source's own record (sae.json args, the Apollo yaml, SAELens metadata),
+else gpt2, Apollo's pre-tokenised OpenWebText, 1024. The centring always comes from the source (Apollo:
+centred; SAELens: metadata.model_from_pretrained_kwargs.center_writing_weights, default true).
+
+Rows. The eval rows are the first --eval_samples rows (train.py holds out exactly the first eval_samples).
+`alive` is counted over at least --alive_tokens tokens (default 500k, as in the paper), in whole rows: the
+eval rows, then extra rows through the encoder only. For a run trained here on a hub dataset the extra rows
+are the ones past the eval_samples + n_samples rows training streamed, never seen; a local dataset was
+wholly in the training pool, so it has none left (give another --dataset); for an SAE trained elsewhere its
+training rows are unknown. Each such case is noted on stderr and in `held_out`.
+
+evaluate(model, sae, layer, batches) returns one dict (train.py appends it to eval.jsonl at each eval):
     l0                   mean number of active features per token (all positions)
-    alive, alive_tokens  features that fired at least once, over that many tokens
+    alive, alive_tokens  features that fired at least once, over that many tokens (the eval batches)
+    n_dict               dictionary size
     ce_clean, ce_spliced next-token cross-entropy over positions 0..T-2, clean / with the SAE spliced in
     ce_increase          ce_spliced - ce_clean
     kl                   KL(p_clean || p_spliced), mean over all positions
     mse, explained_variance   x_hat vs x at layer L; EV = 1 - sum (x - x_hat)^2 / sum (x - mean x)^2
-    downstream_mse, downstream_explained_variance   lists, one per later layer L+1 .. n_layer-1
+    layer, downstream_layers  L and the later layers [L+1 .. n_layer-1]
+    downstream_mse, downstream_explained_variance   lists, one per downstream_layers entry
                          (spliced vs clean residual entering that block)
-    final_mse, final_explained_variance   the same for the final residual (the input of ln_f)
+    final_mse, final_explained_variance   the same for the final residual (the input of ln_f); with the
+                         two above, the per-layer data behind the paper's Fig. 2 (analysis.py downstream)
     norm_ratio_pos0, norm_ratio_rest      mean ||x_hat|| / ||x|| at position 0 and at positions > 0
+The CLI's --json prints that dict, one line, with these keys changed or added:
+    alive, alive_tokens  recounted over the eval rows plus the extra rows (alive_tokens >= --alive_tokens
+                         unless the data ran out)
+    alive_tokens_requested, eval_rows, eval_tokens (what every other metric is over)
+    held_out             true: every row is known to lie outside the SAE's training data; false: some do
+                         not; null: unknown (an SAE trained elsewhere)
+    source, format ("run", "apollo", "saelens"), model, dataset, ctx, center, loss
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -86,6 +112,7 @@ def evaluate(model, sae, layer, batches, return_counts=False):
         l0=l0_sum / n_tok, alive=int((counts > 0).sum().item()), alive_tokens=n_tok, n_dict=int(counts.numel()),
         ce_clean=ce_clean, ce_spliced=ce, ce_increase=ce - ce_clean, kl=sums["kl"] / sums["n_kl"],
         mse=sites[0].mse(), explained_variance=sites[0].explained_variance(),
+        layer=layer, downstream_layers=list(range(layer + 1, layer + 1 + len(later))),
         downstream_mse=[m.mse() for m in later],
         downstream_explained_variance=[m.explained_variance() for m in later],
         final_mse=sites[-1].mse(), final_explained_variance=sites[-1].explained_variance(),
@@ -94,50 +121,156 @@ def evaluate(model, sae, layer, batches, return_counts=False):
     return (metrics, counts) if return_counts else metrics
 
 
+
+@torch.no_grad()
+def count_firing(model, sae, layer, batches):
+    """(counts (n_dict,) fp64, tokens): how often each feature fires, from the prefix and the encoder only."""
+    counts, n_tok = torch.zeros(sae.n_dict, dtype=torch.float64), 0
+    for idx in batches:
+        c = sae.encode(model.forward_to_layer(idx, layer))                    # (B, T, n_dict)
+        counts += (c > 0).reshape(-1, c.size(-1)).sum(0, dtype=torch.float64).cpu()
+        n_tok += idx.numel()
+    return counts, n_tok
+
+
+def plan_rows(cfg, dataset, ctx, n_eval, alive_tokens, cache_dir):
+    """(eval rows, extra rows for alive, held_out True / False / None, notes): see the module docstring."""
+    from data import load_rows
+    run = cfg.get("args", {})
+    trained = "n_samples" in run and "eval_samples" in run   # by train.py, so its held-out rows are known
+    same = trained and dataset == run.get("dataset") and ctx == run.get("ctx")
+    n_extra = max(0, -(-alive_tokens // ctx) - n_eval)
+    held_out, notes = (True if trained else None), []
+    if not trained:
+        notes.append("the SAE was trained elsewhere and its training rows are unknown; eval rows may overlap them")
+    elif dataset == run.get("dataset") and ctx != run.get("ctx"):
+        held_out = False
+        notes.append(f"ctx {ctx} is not the run's {run.get('ctx')}: rows past its first eval tokens overlap its training data")
+    elif same and n_eval > run["eval_samples"]:
+        held_out = False
+        notes.append(f"rows beyond the first {run['eval_samples']} were trained on")
+    start = n_eval                                          # first extra row
+    if same:  # a local source is read whole, so every row past the eval rows was in the training pool
+        start = None if os.path.exists(dataset) else max(n_eval, run["eval_samples"] + run["n_samples"])
+    n_rows = start + n_extra if start is not None and n_extra else n_eval
+    rows = load_rows(dataset, ctx, n_rows=n_rows, cache_dir=cache_dir)
+    eval_rows = rows[:n_eval]
+    if len(eval_rows) < n_eval:
+        notes.append(f"dataset {dataset!r} has {len(rows)} rows of {ctx} tokens; evaluating on those, not {n_eval}")
+    extra = rows[start:start + n_extra] if start is not None and n_extra else rows[:0]
+    got = (len(eval_rows) + len(extra)) * ctx
+    if got < alive_tokens:
+        why = ("the run's local dataset has no rows outside its training pool; give another --dataset"
+               if start is None else f"dataset {dataset!r} has no more rows")
+        notes.append(f"alive counted over {got} tokens, fewer than --alive_tokens {alive_tokens}: {why}")
+    return eval_rows, extra, held_out, notes
+
+
+def prepare(source, model_name=None, dataset=None, ctx=None, eval_samples=None, alive_tokens=500_000, device="cpu",
+            data_dir=None):
+    """Everything an eval of source needs, as a dict: sae, cfg, model, eval_rows, extra_rows, held_out, notes,
+    info (what --json reports about the inputs). Raises ValueError with a one-line message on bad input."""
+    from data import DEFAULT_CACHE
+    from interop import load_any
+    from model import GPT
+    if alive_tokens < 0:
+        raise ValueError(f"--alive_tokens must be >= 0, got {alive_tokens}")
+    sae, cfg, _ = load_any(source, device)
+    run = cfg.get("args", {})
+    name = model_name or cfg.get("model") or "gpt2"
+    dataset = dataset or run.get("dataset") or "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
+    ctx = ctx or run.get("ctx") or 1024
+    n = eval_samples or run.get("eval_samples", 500)
+    if n <= 0 or ctx <= 0:
+        raise ValueError(f"--eval_samples and --ctx must be > 0, got {n} and {ctx}")
+    gpt = GPT.from_pretrained(name, center=cfg["center"]).to(device)
+    c = gpt.config
+    if not 0 <= cfg["layer"] < c.n_layer or sae.d != c.n_embd:
+        raise ValueError(f"the SAE (layer {cfg['layer']}, d {sae.d}) does not fit model {name!r} "
+                         f"({c.n_layer} layers, d {c.n_embd}); give the right --model")
+    if ctx > c.n_positions:
+        raise ValueError(f"--ctx {ctx} is above model {name!r}'s context of {c.n_positions}")
+    eval_rows, extra, held_out, notes = plan_rows(cfg, dataset, ctx, n, alive_tokens,
+                                                  data_dir or run.get("data_dir") or DEFAULT_CACHE)
+    top = max(int(r.max()) if len(r) else 0 for r in (eval_rows, extra))
+    if top >= c.vocab_size:
+        raise ValueError(f"dataset {dataset!r} has token id {top}, outside model {name!r}'s vocabulary of {c.vocab_size}")
+    info = dict(source=source, format=cfg["format"], model=name, dataset=dataset, ctx=ctx, center=cfg["center"],
+                loss=cfg.get("loss"), held_out=held_out, eval_rows=len(eval_rows), eval_tokens=len(eval_rows) * ctx,
+                alive_tokens_requested=alive_tokens)
+    return dict(sae=sae, cfg=cfg, model=gpt, eval_rows=eval_rows, extra_rows=extra, held_out=held_out,
+                notes=notes, info=info)
+
+
+def firing(source, batch_size=8, device="cpu", **kw):
+    """(prepare() dict, counts (n_dict,) fp64, tokens): how often each feature fires over the eval and extra
+    rows, from the encoder alone (analysis.py --alive_from eval)."""
+    from data import eval_batches
+    p = prepare(source, device=device, **kw)
+    args = (p["model"], p["sae"], p["cfg"]["layer"])
+    (c1, t1), (c2, t2) = (count_firing(*args, eval_batches(p[k], batch_size, device)) for k in ("eval_rows", "extra_rows"))
+    return p, c1 + c2, t1 + t2
+
+
 def format_metrics(m):
-    """Human-readable lines of an evaluate() dict."""
+    """Human-readable lines of an evaluate() dict (or the CLI's)."""
     ds = " ".join(f"{v:.4g}" for v in m["downstream_mse"])
+    ho = {True: "held out", False: "NOT all held out", None: "held-out status unknown"}.get(m.get("held_out"), "")
     return "\n".join([
-        f"l0 {m['l0']:.2f} | alive {m['alive']}/{m['n_dict']} (over {m['alive_tokens']} tokens)",
+        f"l0 {m['l0']:.2f} | alive {m['alive']}/{m['n_dict']} (over {m['alive_tokens']} tokens)" + (f" | rows {ho}" if ho else ""),
         f"ce clean {m['ce_clean']:.4f} | spliced {m['ce_spliced']:.4f} | increase {m['ce_increase']:.4f} | kl {m['kl']:.4f}",
         f"mse {m['mse']:.4g} | explained variance {m['explained_variance']:.4f} | "
         f"norm ratio pos0 {m['norm_ratio_pos0']:.3f} rest {m['norm_ratio_rest']:.3f}",
-        f"downstream mse (layers after L) [{ds}] | final {m['final_mse']:.4g}",
+        f"downstream mse (layers {m.get('downstream_layers', 'after L')}) [{ds}] | final {m['final_mse']:.4g}",
     ])
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a trained SAE spliced into its GPT-2.")
-    parser.add_argument("out_dir", help="a training run's folder (holds sae.safetensors + sae.json)")
-    parser.add_argument("--dataset", default=None, help="token source (default: the run's own dataset)")
-    parser.add_argument("--eval_samples", type=int, default=None, help="rows to evaluate (default: the run's)")
-    parser.add_argument("--batch_size", type=int, default=None, help="rows per batch (default: the run's)")
+    parser = argparse.ArgumentParser(description="Evaluate an SAE (run folder, Apollo .pt or SAELens folder) "
+                                     "spliced into its GPT-2.")
+    parser.add_argument("source", help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
+    # model and data (default: the source's own record, else gpt2 / Apollo's OpenWebText / 1024)
+    parser.add_argument("--model", default=None, help="hub id or local save_pretrained folder")
+    parser.add_argument("--dataset", default=None, help="token source: hub dataset or local file / folder")
+    parser.add_argument("--ctx", type=int, default=None, help="tokens per row")
+    parser.add_argument("--data_dir", default=None, help="token cache folder")
+    # evaluation
+    parser.add_argument("--eval_samples", type=int, default=None, help="eval rows (default: the run's, else 500)")
+    parser.add_argument("--alive_tokens", type=int, default=500_000, help="count alive over at least this many tokens")
+    parser.add_argument("--batch_size", type=int, default=None, help="rows per batch (default: the run's, else 8)")
+    parser.add_argument("--save_firing", action="store_true", help="write firing.safetensors into the run folder")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--data_dir", default=None, help="token cache folder (default: the run's)")
-    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.error = lambda msg: sys.exit(f"eval.py: error: {msg}")
     args = parser.parse_args(argv)
-    from data import DEFAULT_CACHE, eval_batches, load_rows
-    from model import GPT
-    from sae import load_sae
+    from data import eval_batches
+    from interop import save_firing, source_format
     try:
+        if args.device != "auto" and not (args.device == "cpu" or args.device.startswith("cuda")):
+            raise ValueError(f"--device {args.device!r} is not one of cpu, cuda, cuda:N, auto")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        sae, cfg = load_sae(args.out_dir, device)
-        run = cfg.get("args", {})
-        dataset = args.dataset or run.get("dataset")
-        n = args.eval_samples or run.get("eval_samples", 500)
-        if n <= 0:
-            raise ValueError(f"--eval_samples must be > 0, got {n}")
-        if dataset == run.get("dataset") and n > run.get("eval_samples", n):
-            print(f"warning: rows beyond the first {run['eval_samples']} were trained on", file=sys.stderr)
-        model = GPT.from_pretrained(cfg["model"], center=cfg["center"]).to(device)
-        rows = load_rows(dataset, run.get("ctx", model.config.n_positions), n_rows=n,
-                         cache_dir=args.data_dir or run.get("data_dir") or DEFAULT_CACHE)[:n]
+        if args.save_firing and source_format(args.source) != "run":
+            raise ValueError(f"--save_firing writes into a run folder and {args.source!r} is not one; "
+                             "import it first with interop.py")
+        p = prepare(args.source, args.model, args.dataset, args.ctx, args.eval_samples, args.alive_tokens, device,
+                    args.data_dir)
+        bs = args.batch_size or p["cfg"].get("args", {}).get("batch_size", 8)
+        if bs <= 0:
+            raise ValueError(f"--batch_size must be > 0, got {bs}")
     except ValueError as e:
         sys.exit(f"eval.py: error: {e}")
+    for note in p["notes"]:
+        print(f"eval.py: note: {note}", file=sys.stderr)
+    model, sae, layer = p["model"], p["sae"], p["cfg"]["layer"]
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        m = evaluate(model, sae, cfg["layer"], eval_batches(rows, args.batch_size or run.get("batch_size", 8), device))
+        m, counts = evaluate(model, sae, layer, eval_batches(p["eval_rows"], bs, device), return_counts=True)
+        extra, n_extra = count_firing(model, sae, layer, eval_batches(p["extra_rows"], bs, device))
+    counts, tokens = counts.cpu() + extra, m["alive_tokens"] + n_extra
+    m.update(p["info"], alive=int((counts > 0).sum()), alive_tokens=tokens)
+    if args.save_firing:
+        save_firing(args.source, counts / tokens, tokens, dataset=m["dataset"], held_out=m["held_out"])
     print(json.dumps(m) if args.json else format_metrics(m))
 
 
