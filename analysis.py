@@ -1,0 +1,325 @@
+"""
+The paper's figures and numbers from run folders (or any source eval.py reads: Apollo .pt, SAELens folder).
+
+    python analysis.py geometry out/local_L6 out/e2e_L6 --out geometry.png   # Fig. 3 numbers for two SAEs
+    python analysis.py geometry out/local_L6                                 # within one SAE
+    python analysis.py pareto out/*_L6 --out pareto.png                      # Fig. 1: L0 and alive vs CE increase
+    python analysis.py downstream out/*_L6 --out downstream.png              # Fig. 2: MSE at every later layer
+Every command prints its numbers as one JSON object on stdout. pareto and downstream read the last line of
+each run's eval.jsonl (its final eval); `python eval.py SRC --json >> SRC/eval.jsonl` makes one for any SAE.
+
+Geometry (paper §3.3) on the unit directions u_i of the alive features: the decoder columns D (as the paper)
+and the encoder rows W_e / ‖W_e‖_row (which the paper did not study).
+    within A      w_i = max_{j≠i} u_i·u_j         mean, histogram; feature splitting shows as high values
+    A→B, B→A      a_i = max_j u_i·v_j              directional: several features of A near one of B all score high
+    matching      a one-to-one assignment π maximising Σ u_i·v_π(i) (Hungarian); exact up to --match_cap
+                  features a side, else a random --match_cap subset of A against as many candidates of B
+                  (the subset's nearest B features, then second nearest, ...; at most its best into all of B)
+    CI            mean(w_A) − mean(w_B) and its 95% two-sample bootstrap interval
+Similarities are computed --chunk rows at a time and reduced to running maxima: no n×n matrix is ever built.
+Alive features come from the source's saved firing frequencies (firing.safetensors, written by
+`eval.py --save_firing`, or a SAELens sparsity.safetensors), else all features; --alive_from eval counts them.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+HIST_BINS = 100  # over [-1, 1]: bins of 0.02
+COLORS = {"local": "tab:blue", "e2e": "tab:red", "e2e_ds": "tab:green"}
+
+
+def unit_rows(W):
+    """Each row of W (n, d) divided by its L2 norm, fp32."""
+    W = W.detach().float()
+    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def nearest_cos(U, V=None, chunk=1024):
+    """Max cosine of each row of U (n, d) over the rows of V (m, d), rows unit norm: (best_u (n,), best_v (m,)),
+    best_v being each row of V's max over U. V None: within U, each row's max over the *other* rows; only
+    blocks on and above the diagonal are multiplied, the matrix being symmetric."""
+    n, within, V = U.size(0), V is None, U if V is None else V
+    if n < 1 + within or V.size(0) < 1:
+        raise ValueError(f"too few alive features to compare ({n} and {V.size(0)})")
+    best_u, best_v = torch.full((n,), -float("inf")), torch.full((V.size(0),), -float("inf"))
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        lo = i if within else 0                                   # within: columns >= i only
+        S = U[i:j] @ V[lo:].T                                     # (j - i, m - lo)
+        if within:
+            S.diagonal().fill_(-float("inf"))                     # (r, r) is row i + r against itself
+        best_u[i:j] = torch.maximum(best_u[i:j], S.max(dim=1).values)
+        best_v[lo:] = torch.maximum(best_v[lo:], S.max(dim=0).values)
+        del S
+    return (torch.maximum(best_u, best_v), None) if within else (best_u, best_v)
+
+
+@torch.no_grad()
+def matching(U, V, cap=4096, k=8, chunk=1024, seed=0):
+    """One-to-one matching of rows of U (n, d) to rows of V (m, d) maximising the summed cosine
+    (scipy linear_sum_assignment). Returns dict(mean, pairs, exact, cap, directional_mean (the same U rows' max
+    over all of V), rows_u, rows_v (the matched indices))."""
+    from scipy.optimize import linear_sum_assignment
+    n, m = U.size(0), V.size(0)
+    rng = np.random.default_rng(seed)
+    sub = np.arange(n) if n <= cap else np.sort(rng.choice(n, cap, replace=False))
+    if m <= cap:
+        cand = np.arange(m)
+    else:  # candidates: every subset row's 1st nearest row of V, then 2nd, ... up to k, then random ones
+        top = torch.cat([(U[sub[i:i + chunk]] @ V.T).topk(min(k, m), dim=1).indices
+                         for i in range(0, len(sub), chunk)])    # (len(sub), k)
+        order = top.T.reshape(-1).numpy()                         # rank-major
+        cand = order[np.sort(np.unique(order, return_index=True)[1])][:cap]
+        if len(cand) < len(sub):
+            rest = np.setdiff1d(np.arange(m), cand)
+            cand = np.concatenate([cand, rng.choice(rest, len(sub) - len(cand), replace=False)])
+    S = (U[sub] @ V[cand].T).double().numpy()                    # (len(sub), len(cand))
+    r, c = linear_sum_assignment(S, maximize=True)
+    directional = nearest_cos(U[sub], V, chunk)[0].mean().item()
+    return dict(mean=float(S[r, c].mean()), pairs=len(r), exact=bool(n <= cap and m <= cap), cap=cap,
+                directional_mean=directional, rows_u=sub[r].tolist(), rows_v=cand[c].tolist())
+
+
+def bootstrap_diff(a, b, n_boot=1000, seed=0):
+    """mean(a) − mean(b) and the 2.5 / 97.5 percentiles of its two-sample bootstrap (each resampled with
+    replacement, n_boot times)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    diffs = np.array([a[rng.integers(0, a.size, a.size)].mean() - b[rng.integers(0, b.size, b.size)].mean()
+                      for _ in range(n_boot)])
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return dict(diff=float(a.mean() - b.mean()), ci95=[float(lo), float(hi)], n_boot=n_boot)
+
+
+def summary(x):
+    """Mean, median and histogram (HIST_BINS bins over [-1, 1]) of a 1-d tensor of cosines."""
+    x = x.double().numpy()
+    counts = np.histogram(np.clip(x, -1, 1), bins=HIST_BINS, range=(-1, 1))[0]
+    return dict(n=int(x.size), mean=float(x.mean()), median=float(np.median(x)),
+                hist=dict(range=[-1, 1], bins=HIST_BINS, counts=counts.tolist()))
+
+
+@torch.no_grad()
+def load_directions(path, alive_from="saved", **eval_kw):
+    """(dict(decoder=(n_alive, d), encoder=(n_alive, d)) unit rows, info dict) for one source."""
+    if alive_from == "eval":
+        from eval import firing
+        p, counts, tokens = firing(path, **eval_kw)
+        sae, cfg = p["sae"], p["cfg"]
+        for note in p["notes"]:
+            print(f"analysis.py: note: {path}: {note}", file=sys.stderr)
+        alive, how = counts > 0, f"eval: fired on {tokens} tokens of {p['info']['dataset']}"
+    else:
+        from interop import load_any
+        sae, cfg, firing = load_any(path)
+        if alive_from == "saved" and firing is not None:
+            alive, how = firing["freq"] > 0, f"saved: {firing['file']} ({firing.get('tokens') or 'unknown'} tokens)"
+        else:
+            alive = torch.ones(sae.n_dict, dtype=torch.bool)
+            how = "all features (" + ("--alive_from all)" if alive_from == "all" else "no saved firing frequencies)")
+    dirs = dict(decoder=unit_rows(sae.dict_elements().T[alive]), encoder=unit_rows(sae.encoder.weight[alive]))
+    info = dict(path=path, loss=cfg.get("loss"), layer=cfg["layer"], n_dict=sae.n_dict,
+                alive=int(alive.sum()), alive_from=how)
+    return dirs, info
+
+
+def geometry(path_a, path_b=None, alive_from="saved", match_cap=4096, chunk=1024, n_boot=1000, **eval_kw):
+    """All geometry numbers of the module docstring, for one SAE or two, as one JSON-able dict."""
+    runs = {"A": load_directions(path_a, alive_from, **eval_kw)}
+    if path_b:
+        runs["B"] = load_directions(path_b, alive_from, **eval_kw)
+    out = dict(runs={k: v[1] for k, v in runs.items()}, match_cap=match_cap)
+    for kind in ("decoder", "encoder"):
+        res, within = {}, {}
+        for k, (dirs, _) in runs.items():
+            within[k] = nearest_cos(dirs[kind], chunk=chunk)[0]
+        res["within"] = {k: summary(v) for k, v in within.items()}
+        if path_b:
+            A, B = runs["A"][0][kind], runs["B"][0][kind]
+            res["within_diff_A_minus_B"] = bootstrap_diff(within["A"].numpy(), within["B"].numpy(), n_boot)
+            a_to_b, b_to_a = nearest_cos(A, B, chunk)
+            m = matching(A, B, match_cap, chunk=chunk)
+            res["cross"] = dict(A_to_B=summary(a_to_b), B_to_A=summary(b_to_a),
+                                matching={k: v for k, v in m.items() if not k.startswith("rows_")})
+        out[kind] = res
+    return out, {k: v[0] for k, v in runs.items()}
+
+
+# ----------------------------------------------------------------------------- run folders and plots
+
+def final_eval(path):
+    """(sae.json cfg, the last eval.jsonl line) of a run folder."""
+    f, j = os.path.join(path, "eval.jsonl"), os.path.join(path, "sae.json")
+    if not (os.path.isfile(f) and os.path.isfile(j)):
+        raise ValueError(f"{path!r} is not a run folder with sae.json and eval.jsonl "
+                         f"(`python eval.py SRC --json >> SRC/eval.jsonl` writes one)")
+    with open(j) as fh:
+        cfg = json.load(fh)
+    lines = [line for line in open(f) if line.strip()]
+    try:
+        return cfg, json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise ValueError(f"{f!r} has no readable last line") from None
+
+
+def front(xs, ys):
+    """Indices of the non-dominated points when lower x and lower y are both better, sorted by x."""
+    best, keep = float("inf"), []
+    for i in sorted(range(len(xs)), key=lambda i: (xs[i], ys[i])):
+        if ys[i] < best:
+            best, keep = ys[i], keep + [i]
+    return keep
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out):
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    _plt().close(fig)
+
+
+def pareto(paths, out=None):
+    """L0 and alive against CE increase, one series per loss kind; the JSON has every point and each
+    kind's non-dominated front (lower L0 and lower CE increase; more alive and lower CE increase)."""
+    points = []
+    for p in paths:
+        cfg, m = final_eval(p)
+        points.append(dict(run=p, loss=cfg.get("loss", "unknown"), layer=cfg.get("layer"), l0=m["l0"], alive=m["alive"],
+                           alive_tokens=m.get("alive_tokens"), ce_increase=m["ce_increase"], step=m.get("step")))
+    found = {q["loss"] for q in points}
+    by_kind = {k: [q for q in points if q["loss"] == k] for k in [k for k in COLORS if k in found] + sorted(found - set(COLORS))}
+    fronts = {(k, key): [pts[i] for i in front([sign * q[key] for q in pts], [q["ce_increase"] for q in pts])]
+              for k, pts in by_kind.items() for key, sign in (("l0", 1), ("alive", -1))}
+    series = {k: dict(runs=[q["run"] for q in pts], front_l0=[q["run"] for q in fronts[k, "l0"]],
+                      front_alive=[q["run"] for q in fronts[k, "alive"]]) for k, pts in by_kind.items()}
+    if out:
+        plt = _plt()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, key, better in ((axes[0], "l0", "lower L0"), (axes[1], "alive", "more alive")):
+            for kind, pts in by_kind.items():
+                color = COLORS.get(kind, "tab:gray")
+                ax.scatter([q[key] for q in pts], [q["ce_increase"] for q in pts], color=color, alpha=0.5)
+                ax.plot([q[key] for q in fronts[kind, key]], [q["ce_increase"] for q in fronts[kind, key]], "o-",
+                        color=color, label=f"{kind} ({len(pts)} run{'s' * (len(pts) != 1)})")
+                for q in pts if len(points) <= 12 else []:  # name the runs while that stays readable
+                    ax.annotate(os.path.basename(os.path.normpath(q["run"])), (q[key], q["ce_increase"]),
+                                fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.set_xlabel("L0 (active features per token)" if key == "l0" else "alive dictionary elements")
+            ax.set_ylabel("CE loss increase")
+            ax.set_title(f"lines: non-dominated front ({better}, lower CE increase)", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"L0 and alive dictionary elements vs CE increase, by loss kind (layer "
+                     f"{', '.join(sorted({str(q['layer']) for q in points}))})")
+        _save(fig, out)
+    return dict(points=points, series=series, out=out)
+
+
+def downstream(paths, out=None):
+    """Per-layer MSE and explained variance from L to the final residual (Fig. 2), one line per run."""
+    rows = []
+    for p in paths:
+        cfg, m = final_eval(p)
+        L = m.get("layer", cfg["layer"])
+        layers = [str(L)] + [str(k) for k in m.get("downstream_layers", range(L + 1, L + 1 + len(m["downstream_mse"])))] + ["final"]
+        rows.append(dict(run=p, loss=cfg.get("loss", "unknown"), layers=layers,
+                         mse=[m["mse"]] + m["downstream_mse"] + [m["final_mse"]],
+                         explained_variance=[m["explained_variance"]] + m["downstream_explained_variance"]
+                         + [m["final_explained_variance"]]))
+    if out:
+        plt = _plt()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for i, r in enumerate(rows):
+            kw = dict(color=COLORS.get(r["loss"]), marker="o", linestyle=("-", "--", ":", "-.")[i % 4],
+                      label=f"{os.path.basename(os.path.normpath(r['run']))} ({r['loss']})")
+            axes[0].plot(r["layers"], r["mse"], **kw)
+            axes[1].plot(r["layers"], r["explained_variance"], **kw)
+        axes[0].set_ylabel("MSE, spliced vs clean residual")
+        axes[1].set_ylabel("explained variance")
+        for ax in axes:
+            ax.set_xlabel("residual stream entering layer (L = the SAE's layer)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("downstream reconstruction from the SAE's layer to the final residual")
+        _save(fig, out)
+    return dict(runs=rows, out=out)
+
+
+def plot_geometry(res, out):
+    """Histograms of the nearest-other-feature cosines (Fig. 3), decoder and encoder directions."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2 if "cross" in res["decoder"] else 1, figsize=(11, 7), squeeze=False)
+    edges = np.linspace(-1, 1, HIST_BINS + 1)
+    lows = [edges[np.nonzero(s["hist"]["counts"])[0][0]] for kind in ("decoder", "encoder") for s in
+            list(res[kind]["within"].values()) + [res[kind]["cross"][k] for k in ("A_to_B", "B_to_A") if "cross" in res[kind]]]
+    lo = min(0.0, np.floor(min(lows) * 10) / 10)  # the paper's [0, 1], widened if any value lies below
+    for row, kind in enumerate(("decoder", "encoder")):
+        r = res[kind]
+        groups = [("within", {f"within {k} ({res['runs'][k]['loss']})": v for k, v in r["within"].items()})]
+        if "cross" in r:
+            groups.append(("across", {"A→B": r["cross"]["A_to_B"], "B→A": r["cross"]["B_to_A"]}))
+        for col, (title, hists) in enumerate(groups):
+            ax = axes[row][col]
+            for label, s in hists.items():
+                ax.stairs(np.asarray(s["hist"]["counts"]) / max(1, s["n"]), edges, label=f"{label}, mean {s['mean']:.3f}")
+            ax.set_title(f"{kind} directions, {title}: max cosine to nearest other feature", fontsize=9)
+            ax.set_xlabel("cosine similarity")
+            ax.set_xlim(lo, 1)
+            ax.set_ylabel("fraction of alive features")
+            ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The paper's figures and numbers from run folders.")
+    parser.error = lambda msg: sys.exit(f"analysis.py: error: {msg}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("geometry", help="nearest-feature cosines within one SAE, or within and across two")
+    g.add_argument("run_a"), g.add_argument("run_b", nargs="?")
+    g.add_argument("--alive_from", default="saved", choices=["saved", "eval", "all"])
+    g.add_argument("--alive_tokens", type=int, default=500_000, help="with --alive_from eval")
+    for name, t in (("model", str), ("dataset", str), ("ctx", int), ("data_dir", str)):
+        g.add_argument(f"--{name}", type=t, default=None, help="with --alive_from eval (default: the source's)")
+    g.add_argument("--match_cap", type=int, default=4096, help="features a side in the one-to-one matching")
+    g.add_argument("--chunk", type=int, default=1024, help="rows per block of similarities")
+    g.add_argument("--n_boot", type=int, default=1000)
+    g.add_argument("--out", default=None, help="PNG of the histograms")
+    for name in ("pareto", "downstream"):
+        p = sub.add_parser(name, help="Fig. 1" if name == "pareto" else "Fig. 2")
+        p.add_argument("runs", nargs="+"), p.add_argument("--out", default=None, help="PNG path")
+    for p in sub.choices.values():
+        p.error = parser.error
+    args = parser.parse_args(argv)
+    try:
+        if args.out and not args.out.endswith(".png"):
+            raise ValueError(f"--out {args.out!r} must end in .png")
+        if args.cmd == "geometry":
+            for name in ("match_cap", "chunk", "n_boot"):
+                if getattr(args, name) <= 0:
+                    raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+            res = geometry(args.run_a, args.run_b, args.alive_from, args.match_cap, args.chunk, args.n_boot,
+                           alive_tokens=args.alive_tokens, model_name=args.model, dataset=args.dataset, ctx=args.ctx,
+                           data_dir=args.data_dir)[0]
+            if args.out:
+                plot_geometry(res, args.out)
+            res["out"] = args.out
+        else:
+            res = (pareto if args.cmd == "pareto" else downstream)(args.runs, args.out)
+    except (ValueError, OSError) as e:
+        sys.exit(f"analysis.py: error: {e}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

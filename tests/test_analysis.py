@@ -1,0 +1,180 @@
+"""analysis.py: geometry on SAEs with known answers, the bootstrap, fronts, and the plots from real tiny runs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import analysis
+from analysis import bootstrap_diff, front, matching, nearest_cos, unit_rows
+from conftest import ROOT
+from interop import save_firing
+from sae import SAE, save_sae
+from test_train import tiny_args
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: threads only contend
+
+
+def dense_nearest(U, V=None):
+    S = U @ (U if V is None else V).T
+    if V is None:
+        S.fill_diagonal_(-float("inf"))
+    return S.max(1).values, S.max(0).values
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_nearest_cos_equals_dense(chunk):
+    torch.manual_seed(0)
+    U, V = unit_rows(torch.randn(50, 8)), unit_rows(torch.randn(30, 8))
+    w, none = nearest_cos(U, chunk=chunk)
+    assert none is None and torch.allclose(w, dense_nearest(U)[0], atol=1e-6)
+    a, b = nearest_cos(U, V, chunk=chunk)
+    ra, rb = dense_nearest(U, V)
+    assert torch.allclose(a, ra, atol=1e-6) and torch.allclose(b, rb, atol=1e-6)
+
+
+def test_duplicated_decoder_columns_give_within_similarity_one():
+    torch.manual_seed(0)
+    sae = SAE(16, 40)
+    with torch.no_grad():
+        sae.decoder.weight[:, 20:] = 3 * sae.decoder.weight[:, :20]  # 20 pairs, different raw norms
+    w, _ = nearest_cos(unit_rows(sae.dict_elements().T), chunk=9)
+    assert torch.allclose(w, torch.ones(40), atol=1e-5)
+    orth = unit_rows(torch.eye(16))
+    assert torch.allclose(nearest_cos(orth)[0], torch.zeros(16))  # and orthogonal ones give 0
+
+
+@pytest.mark.parametrize("cap", [64, 16])
+def test_permuted_copy(cap):
+    torch.manual_seed(0)
+    A = unit_rows(torch.randn(64, 24))
+    perm = torch.randperm(64)
+    B = A[perm]                                  # B's feature k is A's feature perm[k]
+    a, b = nearest_cos(A, B, chunk=10)
+    assert torch.allclose(a, torch.ones(64), atol=1e-5) and torch.allclose(b, torch.ones(64), atol=1e-5)
+    m = matching(A, B, cap=cap, chunk=10)
+    assert m["mean"] == pytest.approx(1, abs=1e-5) and m["pairs"] == min(cap, 64) and m["exact"] == (cap >= 64)
+    assert [perm[j].item() for j in m["rows_v"]] == m["rows_u"]  # each A feature matched to its own copy
+
+
+def test_directional_metric_differs_from_matching():
+    """PAPER.md's example: several features of A near one feature of B all score high A→B."""
+    e = torch.eye(8)
+    b = unit_rows(torch.stack([e[0], e[1], e[2]]))
+    a = unit_rows(torch.stack([e[0] + 0.1 * e[5], e[0] + 0.1 * e[6], e[0] + 0.1 * e[7]]))
+    a_to_b, b_to_a = nearest_cos(a, b)
+    assert a_to_b.mean() > 0.99                                 # every A feature has a close B feature
+    assert b_to_a.mean() == pytest.approx(a_to_b[0] / 3, abs=1e-6)  # but only one B feature is covered
+    m = matching(a, b)
+    assert m["exact"] and m["pairs"] == 3 and m["mean"] == pytest.approx(b_to_a.mean().item(), abs=1e-6)
+    assert m["directional_mean"] - m["mean"] > 0.6
+
+
+def test_bootstrap_diff_known_answer():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.5, 0.01, 2000), rng.normal(0.3, 0.01, 3000)
+    r = bootstrap_diff(a, b, n_boot=2000)
+    assert r["diff"] == pytest.approx(a.mean() - b.mean())
+    lo, hi = r["ci95"]
+    se = np.sqrt(0.01 ** 2 / 2000 + 0.01 ** 2 / 3000)
+    assert lo < r["diff"] < hi and 2 * 1.96 * se * 0.9 < hi - lo < 2 * 1.96 * se * 1.1  # a 95% interval
+    same = bootstrap_diff(a, a, n_boot=200)
+    assert same["diff"] == 0 and same["ci95"][0] < 0 < same["ci95"][1]
+
+
+def test_front():
+    xs, ys = [1, 2, 3, 4, 2.5], [5, 3, 4, 1, 3]
+    assert front(xs, ys) == [0, 1, 3]  # (3, 4) is dominated by (2, 3); (2.5, 3) ties y with (2, 3)
+
+
+def test_pareto_fronts_per_kind(tmp_path):
+    def fake_run(name, loss, l0, ce, alive):
+        os.makedirs(tmp_path / name)
+        json.dump(dict(loss=loss, layer=6), open(tmp_path / name / "sae.json", "w"))
+        with open(tmp_path / name / "eval.jsonl", "w") as f:
+            f.write(json.dumps(dict(l0=99, ce_increase=9, alive=1)) + "\n")  # an earlier eval: ignored
+            f.write(json.dumps(dict(l0=l0, ce_increase=ce, alive=alive)) + "\n")
+        return str(tmp_path / name)
+    r1, r2, r3 = fake_run("r1", "local", 10, 0.1, 100), fake_run("r2", "local", 20, 0.05, 50), fake_run("r3", "local", 30, 0.2, 200)
+    e1 = fake_run("e1", "e2e", 5, 0.3, 10)
+    res = analysis.pareto([r1, r2, r3, e1])
+    assert res["series"]["local"] == dict(runs=[r1, r2, r3], front_l0=[r1, r2], front_alive=[r3, r1, r2])
+    assert res["series"]["e2e"]["front_l0"] == [e1] and res["points"][0]["l0"] == 10
+
+
+def test_geometry_on_run_folders(tmp_path):
+    torch.manual_seed(0)
+    sae = SAE(16, 40)
+    with torch.no_grad():
+        sae.decoder.weight[:, 20:] = sae.decoder.weight[:, :20]
+    cfg = dict(layer=1, model="gpt2", center=True, loss="local")
+    save_sae(sae, str(tmp_path / "a"), cfg)
+    perm = torch.randperm(40)
+    copy = SAE(16, 40)
+    copy.load_state_dict({k: v[perm] if k.startswith("encoder") else (v[:, perm] if v.dim() == 2 else v)
+                          for k, v in sae.state_dict().items()})
+    save_sae(copy, str(tmp_path / "b"), dict(cfg, loss="e2e"))
+    freq = torch.ones(40, dtype=torch.float64)
+    freq[perm[:5]] = 0                                             # 5 dead features in b
+    save_firing(str(tmp_path / "b"), freq, 1000)
+    res, dirs = analysis.geometry(str(tmp_path / "a"), str(tmp_path / "b"), n_boot=50)
+    ra, rb = res["runs"]["A"], res["runs"]["B"]
+    assert (ra["alive"], rb["alive"]) == (40, 35) and "all features" in ra["alive_from"] and "saved" in rb["alive_from"]
+    dec = res["decoder"]
+    assert dec["within"]["A"]["mean"] == pytest.approx(1, abs=1e-5)  # duplicated columns
+    assert dec["cross"]["B_to_A"]["mean"] == pytest.approx(1, abs=1e-5)  # a copy: every B feature is in A
+    assert dec["cross"]["matching"]["mean"] == pytest.approx(1, abs=1e-5) and dec["cross"]["matching"]["pairs"] == 35
+    assert sum(dec["within"]["B"]["hist"]["counts"]) == 35 and res["match_cap"] == 4096
+    assert set(res["encoder"]["cross"]) == {"A_to_B", "B_to_A", "matching"} and dirs["B"]["encoder"].shape == (35, 16)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, text_file):
+    """Three short runs on the tiny model, one per loss kind, trained side by side."""
+    tmp = tmp_path_factory.mktemp("runs")
+    outs = {loss: str(tmp / loss) for loss in ("local", "e2e", "e2e_ds")}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                               *map(str, tiny_args(tiny_model_dir, text_file, out, loss, n_samples=16, eval_every=16,
+                                                   eval_samples=4, log_every=100))],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for loss, out in outs.items()]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+    return outs
+
+
+def test_pareto_png_and_json(runs, tmp_path):
+    png = str(tmp_path / "pareto.png")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "analysis.py"), "pareto", *runs.values(), "--out", png],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert list(res["series"]) == ["local", "e2e", "e2e_ds"] and res["out"] == png
+    for pt in res["points"]:
+        last = json.loads(open(os.path.join(pt["run"], "eval.jsonl")).read().splitlines()[-1])
+        assert (pt["l0"], pt["alive"], pt["ce_increase"]) == (last["l0"], last["alive"], last["ce_increase"])
+    import matplotlib.image
+    img = matplotlib.image.imread(png)
+    assert img.shape[:2] == (540, 1320) and img.std() > 0.05  # drawn on, not blank
+
+
+def test_downstream_and_errors(runs, tmp_path, capsys):
+    png = str(tmp_path / "ds.png")
+    res = analysis.downstream(list(runs.values()), png)
+    assert os.path.getsize(png) > 10_000
+    for r in res["runs"]:
+        last = json.loads(open(os.path.join(r["run"], "eval.jsonl")).read().splitlines()[-1])
+        assert r["layers"] == ["1", "2", "final"]
+        assert r["mse"] == [last["mse"], last["downstream_mse"][0], last["final_mse"]]
+    for argv, words in ((["pareto", str(tmp_path)], ["eval.jsonl"]),
+                        (["downstream", runs["local"], "--out", "x.pdf"], ["x.pdf", ".png"]),
+                        (["geometry", runs["local"], "--match_cap", "0"], ["--match_cap", "> 0"]),
+                        (["geometry", str(tmp_path / "missing")], ["missing", "no saved SAE"])):
+        with pytest.raises(SystemExit) as e:
+            analysis.main(argv)
+        msg = str(e.value.code)
+        assert msg.startswith("analysis.py: error:") and "\n" not in msg and all(w in msg for w in words), msg
