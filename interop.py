@@ -143,7 +143,7 @@ def write_saelens(sae, cfg, out_dir, firing=None):
     """cfg.json + sae_weights.safetensors (+ sparsity.safetensors when firing = dict(freq, tokens))."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
-    args = cfg.get("args", {})
+    args = {k: v for k, v in cfg.get("args", {}).items() if k not in ("out_dir", "data_dir")}  # paths of this machine
     meta = dict(sae_lens_version="6.0.0", model_name=cfg["model"], hook_name=f"blocks.{cfg['layer']}.hook_resid_pre",
                 hook_head_index=None, context_size=args.get("ctx", 1024), prepend_bos=False,
                 dataset_path=args.get("dataset"), model_from_pretrained_kwargs=dict(center_writing_weights=cfg["center"]),
@@ -289,10 +289,10 @@ def main(argv=None):
             print(push(args.folder, args.repo, args.path_in_repo, args.private))
         else:
             print(pull(args.repo, args.out_dir, args.path_in_repo))
-    except (ValueError, OSError, KeyError) as e:
+    except ValueError as e:
         sys.exit(f"interop.py: error: {e}")
-    except Exception as e:  # hub errors (offline, no token, unknown repo): one line, not a traceback
-        sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    except Exception as e:  # files, hub (offline, no token, unknown repo): one line, not a traceback
+        sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
 
 
 if __name__ == "__main__":
