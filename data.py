@@ -92,8 +92,8 @@ def _source_records(source):
 
 
 def load_rows(source, ctx, n_rows=None, cache_dir=DEFAULT_CACHE):
-    """np.memmap (R, ctx) of uint16 tokens. A local source is read whole; a hub source is streamed until
-    n_rows rows exist (all of it when n_rows is None). Cached under cache_dir by source and ctx."""
+    """np.memmap (R, ctx) of uint16 tokens. A local source is read whole; a hub source gives its first n_rows
+    rows (all of it when n_rows is None), streamed once. Cached under cache_dir by source and ctx."""
     records, key_src, local = _source_records(source)
     key = hashlib.sha1(f"{key_src}|{ctx}".encode()).hexdigest()[:16]
     os.makedirs(cache_dir, exist_ok=True)
@@ -102,7 +102,8 @@ def load_rows(source, ctx, n_rows=None, cache_dir=DEFAULT_CACHE):
         with open(meta_path) as f:
             meta = json.load(f)
         if meta["complete"] or (n_rows is not None and meta["rows"] >= n_rows):
-            return np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["rows"], ctx))
+            rows = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["rows"], ctx))
+            return rows if local or n_rows is None else rows[:n_rows]  # the same rows, however far it was streamed
     rows, complete, buf, tmp = 0, True, [], bin_path + f".tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         for tokens in _documents(records, source):
@@ -123,8 +124,9 @@ def load_rows(source, ctx, n_rows=None, cache_dir=DEFAULT_CACHE):
         os.remove(tmp)
         raise ValueError(f"dataset {source!r} holds fewer than ctx = {ctx} tokens")
     os.replace(tmp, bin_path)
-    with open(meta_path, "w") as f:
+    with open(meta_path + f".tmp{os.getpid()}", "w") as f:  # whole or absent for a run reading it meanwhile
         json.dump(dict(source=source, ctx=ctx, rows=rows, complete=complete), f)
+    os.replace(f.name, meta_path)
     return np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(rows, ctx))
 
 
@@ -133,6 +135,58 @@ def split_rows(rows, n_eval):
     if n_eval >= len(rows):
         raise ValueError(f"dataset has {len(rows)} rows of tokens; eval_samples = {n_eval} leaves none for training")
     return rows[:n_eval], rows[n_eval:]
+
+
+def row_hashes(rows, chunk=4096):
+    """A 64-bit hash per row, (R,) uint64: a fixed random linear map of the tokens, mod 2^64. Equal rows hash
+    equal; distinct rows collide with probability about 2^-48, so a match is a candidate to compare."""
+    mult = np.random.default_rng(0).integers(0, 2 ** 63, size=rows.shape[1], dtype=np.uint64) * 2 + 1
+    out = np.empty(len(rows), dtype=np.uint64)
+    for i in range(0, len(rows), chunk):
+        out[i:i + chunk] = (rows[i:i + chunk].astype(np.uint64) * mult).sum(1, dtype=np.uint64)  # wraps
+    return out
+
+
+def _find_overlap(eval_rows, train_rows, eval_hashes, train_hashes):
+    """(i, j) with eval_rows[i] equal to train_rows[j], or None."""
+    first = {}
+    for i, h in enumerate(eval_hashes.tolist()):
+        first.setdefault(h, i)
+    for j in np.flatnonzero(np.isin(train_hashes, eval_hashes)):
+        i = first[int(train_hashes[j])]
+        if np.array_equal(eval_rows[i], train_rows[j]):
+            return i, int(j)
+    return None
+
+
+def load_split(source, ctx, n_eval, n_train, vocab_size, cache_dir=DEFAULT_CACHE):
+    """(eval rows, train rows, fingerprint) for training: the first n_eval rows held out, then up to n_train
+    rows. Checked: token ids inside the vocabulary, and no eval row equal to a training row (a source that
+    repeats itself would leak the eval set). The fingerprint, dict(rows, fingerprint), tells a resumed run
+    whether it reads the same tokens."""
+    rows = load_rows(source, ctx, n_rows=n_eval + n_train, cache_dir=cache_dir)
+    eval_rows, train_rows = split_rows(rows, n_eval)
+    if int(rows.max()) >= vocab_size:
+        raise ValueError(f"dataset {source!r} has token id {int(rows.max())}, outside the model's vocabulary "
+                         f"of {vocab_size}")
+    hashes = row_hashes(rows)
+    overlap = _find_overlap(eval_rows, train_rows, hashes[:n_eval], hashes[n_eval:])
+    if overlap:
+        raise ValueError(f"dataset {source!r} repeats itself: eval row {overlap[0]} is also training row "
+                         f"{overlap[1]}, so the evaluation would not be held out; deduplicate the source")
+    return eval_rows, train_rows, dict(rows=len(rows), fingerprint=hashlib.sha1(hashes.tobytes()).hexdigest()[:16])
+
+
+def sample_rows(seed, n_rows, start, count):
+    """Row indices for training positions start .. start+count: epoch e is permutation(seed + e) of all rows,
+    so the data order is a pure function of (seed, position) and a resumed run reads what it would have."""
+    out, pos = [], start
+    while pos < start + count:
+        epoch, off = divmod(pos, n_rows)
+        take = min(start + count - pos, n_rows - off)
+        out.append(np.random.default_rng(seed + epoch).permutation(n_rows)[off:off + take])
+        pos += take
+    return np.concatenate(out)
 
 
 def get_batch(rows, indices, device):
