@@ -4,25 +4,32 @@ Train an SAE on GPT-2's residual stream entering block --layer: local (MSE), e2e
 
     python train.py --loss e2e_ds --layer 6                    # the paper's SAE_e2e+ds (GPT-2 small, OpenWebText)
     python train.py --loss local --layer 2 --l1 4              # a local SAE at another sparsity
-    torchrun --nproc_per_node=4 train.py --loss e2e --layer 6  # the same run on 4 GPUs (DDP on the SAE)
+    python train.py --resume --out_dir out/e2e_ds_L6           # continue a stopped run with its own arguments
+    torchrun --standalone --nproc_per_node=4 train.py --loss e2e --layer 6  # 4 GPUs, DDP on the SAE
     # tiny CPU run on a local text file:
     python train.py --model tests/tiny-gpt2 --dataset input.txt --loss e2e --layer 1 --ctx 64 \\
         --n_samples 256 --batch_size 4 --grad_accum 1 --eval_samples 8 --eval_every 128 --dict_ratio 4
 
-An unfinished run resumes when started again with the same --out_dir (the same command).
+Long runs: --out_dir gets ckpt.pt every --save_every samples and on SIGTERM/SIGINT (the step finishes,
+then it saves and exits with 128 + the signal). A run killed in any way continues from its last checkpoint
+exactly as if never stopped: with --resume, or by running the same command again (which says it resumes).
+A step with a non-finite loss or gradient is skipped; --max_bad_steps in a row stop the run.
+DDP: --batch_size is per process, --grad_accum counts micro-batches over all processes, so the samples per
+step (batch_size * grad_accum) and the result do not depend on the number of processes.
 """
 import argparse
 import contextlib
-import json
+import importlib.util
 import math
 import os
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 
+from checkpoint import (append_eval_log, check_out_dir, check_resumable, load_checkpoint, restore, save_checkpoint,
+                        trim_eval_log)
 from losses import downstream_mse, fused_kl_div, mse_loss, sparsity_loss
 
 # paper Table 2 ("similar CE increase"): λ per (loss, layer); β (--ds_coeff) per layer. For a layer the
@@ -31,10 +38,6 @@ L1_SIMILAR_CE = {("local", 2): 0.8, ("e2e", 2): 0.5, ("e2e_ds", 2): 10.0, ("loca
                  ("e2e_ds", 6): 50.0, ("local", 10): 6.0, ("e2e", 10): 1.5, ("e2e_ds", 10): 1.75}
 DS_COEFF = {2: 2.5, 6: 2.5, 10: 0.05}
 KL_COEFF = {"e2e": 1.0, "e2e_ds": 0.5}
-# what must match for a run to resume from its checkpoint
-RESUME_KEYS = ("model", "dataset", "loss", "layer", "no_center", "dict_ratio", "l1", "kl_coeff", "ds_coeff",
-               "n_samples", "batch_size", "grad_accum", "ctx", "lr", "warmup_samples", "min_lr_ratio",
-               "grad_clip", "eval_samples", "seed")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 # model
@@ -71,6 +74,8 @@ parser.add_argument("--wandb_project", default="nanosae")
 # system
 parser.add_argument("--out_dir", default=None, help="default out/{loss}_L{layer}")
 parser.add_argument("--save_every", type=int, default=20_000, help="checkpoint every this many samples (and at the end)")
+parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir (which must hold one); "
+                    "flags not given take the run's values. Without it an unfinished run with the same flags continues")
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
 parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
@@ -85,7 +90,6 @@ def nearest_paper_layer(layer):
 
 
 def resolve_defaults(args):
-    args.out_dir = args.out_dir or os.path.join("out", f"{args.loss}_L{args.layer}")
     if args.l1 is None:
         args.l1 = L1_SIMILAR_CE[(args.loss, nearest_paper_layer(args.layer))]
     if args.kl_coeff is None:
@@ -95,6 +99,24 @@ def resolve_defaults(args):
     return args
 
 
+def parse_args(argv=None):
+    """(args, the checkpoint in --out_dir or None). With --resume the folder must hold a checkpoint, and every
+    flag not on the command line takes the run's value; without it the flags are as given."""
+    args = parser.parse_args(argv)
+    args.out_dir = args.out_dir or os.path.join("out", f"{args.loss}_L{args.layer}")
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path) if os.path.lexists(path) else None
+    if args.resume:
+        if ckpt is None:
+            raise ValueError(f"--resume: --out_dir {args.out_dir!r} holds no checkpoint (ckpt.pt) to resume from")
+        unset = object()  # argparse leaves a flag that is not on the command line at what the namespace holds
+        given = vars(parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset))))
+        for k, v in ckpt["args"].items():
+            if given.get(k) is unset and k not in ("out_dir", "resume"):
+                setattr(args, k, v)
+    return resolve_defaults(args), ckpt
+
+
 def check_args(args):
     """Every flag that needs no model or data, checked up front: ValueError with a one-line message."""
     for name in ("batch_size", "grad_accum", "n_samples", "ctx", "eval_samples", "eval_every", "save_every",
@@ -102,10 +124,13 @@ def check_args(args):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ("l1", "kl_coeff", "ds_coeff", "warmup_samples", "grad_clip", "lr", "dict_ratio"):
-        if not getattr(args, name) >= 0:  # also catches nan
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+        if not 0 <= getattr(args, name) < math.inf:  # also catches nan
+            raise ValueError(f"--{name} must be a number >= 0, got {getattr(args, name)}")
     if args.lr == 0 or args.dict_ratio == 0:
         raise ValueError(f"--lr and --dict_ratio must be > 0, got {args.lr} and {args.dict_ratio}")
+    for k, unused in (("kl_coeff", args.loss == "local"), ("ds_coeff", args.loss != "e2e_ds")):
+        if unused and getattr(args, k) > 0:
+            raise ValueError(f"--{k} {getattr(args, k)} has no effect with --loss {args.loss}; leave it out")
     if not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.n_samples < args.batch_size * args.grad_accum:
@@ -114,6 +139,24 @@ def check_args(args):
         raise ValueError(f"--device {args.device!r} is not one of cpu, cuda, cuda:N, auto")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device!r} asked for, but no CUDA GPU is available")
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--wandb needs the wandb package (pip install wandb)")
+
+
+def check_model(args, model):
+    """The flags that depend on the model, and the model itself: ValueError with a one-line message."""
+    n_layer, C = model.config.n_layer, model.config.n_embd
+    if not 0 <= args.layer < n_layer:
+        raise ValueError(f"--layer {args.layer} is outside 0..{n_layer - 1} for this {n_layer}-layer model")
+    if args.loss == "e2e_ds" and args.layer == n_layer - 1:
+        raise ValueError(f"--loss e2e_ds at --layer {args.layer} has no later layer; use e2e or a lower layer")
+    if args.ctx > model.config.n_positions:
+        raise ValueError(f"--ctx {args.ctx} is above the model's context of {model.config.n_positions}")
+    if int(args.dict_ratio * C) < 1:
+        raise ValueError(f"--dict_ratio {args.dict_ratio} gives no features at d_model {C}")
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad:
+        raise ValueError(f"model {args.model!r} has non-finite weights ({bad})")
 
 
 def lr_at(step, steps, args, eff_batch):
@@ -123,34 +166,6 @@ def lr_at(step, steps, args, eff_batch):
         return args.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def sample_rows(seed, n_rows, start, count):
-    """Row indices for training positions start .. start+count: epoch e is permutation(seed + e) of all rows,
-    so the data order is a pure function of (seed, position) and a resumed run reads what it would have."""
-    out, pos = [], start
-    while pos < start + count:
-        epoch, off = divmod(pos, n_rows)
-        take = min(start + count - pos, n_rows - off)
-        out.append(np.random.default_rng(seed + epoch).permutation(n_rows)[off:off + take])
-        pos += take
-    return np.concatenate(out)
-
-
-def atomic_torch_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(ckpt, dict) and {"sae", "optimizer", "step", "args"} <= set(ckpt)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a readable nanoSAE checkpoint ({type(e).__name__}); "
-                         "move it away or choose another --out_dir") from None
-    return ckpt
 
 
 def loss_step(model, sae, idx, args, fired=None):
@@ -185,74 +200,71 @@ def loss_step(model, sae, idx, args, fired=None):
 
 
 def main():
-    args = resolve_defaults(parser.parse_args())
-    # ---------------------------------------------------------------- set-up: every bad input fails here
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0
+    ddp, master = world > 1, rank == 0
+    # ---------------------------------------------------------------- set-up: every bad input fails here
     try:
+        args, ckpt = parse_args()
         check_args(args)
         if args.grad_accum % world:
             raise ValueError(f"--grad_accum {args.grad_accum} must be a multiple of the {world} processes")
+        if ckpt is not None:
+            check_resumable(ckpt, args, data=None)  # the arguments now, the data once it is loaded
+        if master:
+            check_out_dir(args.out_dir, ckpt_exists=ckpt is not None)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if ddp:
             import torch.distributed as dist
             if device.startswith("cuda"):
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        from data import load_rows, split_rows
+            from datetime import timedelta  # long enough for rank 0 to tokenise a dataset while the others wait
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
+        from data import load_split
         from model import GPT
         model = GPT.from_pretrained(args.model, center=not args.no_center).to(device)
-        n_layer, C = model.config.n_layer, model.config.n_embd
-        if not 0 <= args.layer < n_layer:
-            raise ValueError(f"--layer {args.layer} is outside 0..{n_layer - 1} for this {n_layer}-layer model")
-        if args.loss == "e2e_ds" and args.layer == n_layer - 1:
-            raise ValueError(f"--loss e2e_ds at --layer {args.layer} has no later layer; use e2e or a lower layer")
-        if args.ctx > model.config.n_positions:
-            raise ValueError(f"--ctx {args.ctx} is above the model's context of {model.config.n_positions}")
-        rows = load_rows(args.dataset, args.ctx, n_rows=args.eval_samples + args.n_samples, cache_dir=args.data_dir)
-        eval_rows, train_rows = split_rows(rows, args.eval_samples)
+        check_model(args, model)
+        if ddp and not master:
+            dist.barrier()  # rank 0 tokenises into the cache first; the others then read it
+        eval_rows, train_rows, data = load_split(args.dataset, args.ctx, args.eval_samples, args.n_samples,
+                                                 model.config.vocab_size, cache_dir=args.data_dir)
+        if ddp and master:
+            dist.barrier()
         if len(train_rows) < args.batch_size:
             raise ValueError(f"dataset {args.dataset!r} has {len(train_rows)} training rows of {args.ctx} tokens, "
                              f"fewer than one batch of {args.batch_size}")
-        if int(rows.max()) >= model.config.vocab_size:  # checked once; the cache is on disk
-            raise ValueError(f"dataset {args.dataset!r} has token id {int(rows.max())}, outside the model's "
-                             f"vocabulary of {model.config.vocab_size}")
-        ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-        ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
         if ckpt is not None:
-            diff = [k for k in RESUME_KEYS if ckpt["args"].get(k) != getattr(args, k)]
-            if diff:
-                k = diff[0]
-                raise ValueError(f"--out_dir {args.out_dir!r} holds a run with --{k} {ckpt['args'].get(k)!r}, "
-                                 f"not {getattr(args, k)!r}; use the same arguments to resume or another --out_dir")
-            if ckpt.get("finished"):
-                raise ValueError(f"--out_dir {args.out_dir!r} holds a finished run; choose another --out_dir")
+            check_resumable(ckpt, args, data)
+        ckpt_path, eval_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "eval.jsonl")
         if master:
             os.makedirs(args.out_dir, exist_ok=True)
-            if not os.access(args.out_dir, os.W_OK):
-                raise ValueError(f"--out_dir {args.out_dir!r} is not writable")
+            trim_eval_log(eval_path, ckpt["step"] if ckpt else 0)  # evaluations from there on are done again
     except (ValueError, OSError) as e:
-        sys.exit(f"train.py: error: {e}")
+        sys.exit(f"train.py: error: {e}" if master else 1)
 
     from eval import evaluate
-    from data import eval_batches, get_batch
+    from data import eval_batches, get_batch, sample_rows
     from sae import SAE, save_sae
     torch.manual_seed(args.seed)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere+
         torch.backends.cudnn.allow_tf32 = True
+    C = model.config.n_embd
     sae = SAE(C, int(args.dict_ratio * C)).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr)
-    step, fired = 0, torch.zeros(sae.n_dict, dtype=torch.float64, device=device)
+    # fired: how often each feature fired since the last eval; across processes the counts add up (rank 0
+    # holds the sum after sync_fired), and the checkpoint holds the sum
+    step, bad, fired = 0, 0, torch.zeros(sae.n_dict, dtype=torch.float64, device=device)
+    eff_batch = args.batch_size * args.grad_accum  # samples per optimizer step, over all processes
+    steps = args.n_samples // eff_batch
     if ckpt is not None:
-        sae.load_state_dict(ckpt["sae"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, fired = ckpt["step"], ckpt["fired"].to(device)
-        torch.set_rng_state(ckpt["rng"])
+        restore(ckpt, sae, optimizer)
+        step, bad = ckpt["step"], ckpt["bad_steps"]
         if master:
-            print(f"resuming {args.out_dir} from step {step}")
+            fired.copy_(ckpt["fired"])
+    if master:
+        print(f"{'resuming' if ckpt else 'starting'} {args.out_dir} at step {step} of {steps} ({eff_batch} samples "
+              f"per step, {world} process{'es' * ddp}, {device})", flush=True)
     if args.compile:
         for block in model.transformer.h:
             block.compile()
@@ -261,45 +273,57 @@ def main():
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
         sae_ddp = DistributedDataParallel(sae, device_ids=[int(device.split(":")[1])] if ":" in device else None)
-    eff_batch = args.batch_size * args.grad_accum  # samples per optimizer step, over all ranks
-    steps = args.n_samples // eff_batch
-    accum = args.grad_accum // world  # micro-batches per rank
+    accum = args.grad_accum // world  # micro-batches per process
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     L = args.layer
     sae_cfg = dict(layer=L, model=args.model, center=not args.no_center, loss=args.loss, args=vars(args))
     stop = []
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: stop.append(signum))  # finish the step, save, exit
+    wandb_id = ckpt.get("wandb_id") if ckpt else None
     if master and args.wandb:
         import wandb
-        wandb.init(project=args.wandb_project, config=vars(args), resume="allow")
+        wandb_id = wandb.init(project=args.wandb_project, config=vars(args), id=wandb_id, resume="allow").id
 
-    def save(next_step, finished=False):
-        if not master:
-            return
-        save_sae(sae, args.out_dir, sae_cfg)
-        atomic_torch_save(dict(sae=sae.state_dict(), optimizer=optimizer.state_dict(), step=next_step, args=vars(args),
-                               fired=fired.cpu(), rng=torch.get_rng_state(), finished=finished), ckpt_path)
+    def sync_fired():  # collective: every process calls it at the same step
+        if ddp:
+            dist.all_reduce(fired)
+            if not master:
+                fired.zero_()
 
-    bad, t_train, n_timed = 0, 0.0, 0
+    def save(next_step, finished=False):  # collective
+        sync_fired()
+        if master:
+            save_checkpoint(ckpt_path, sae, optimizer, step=next_step, finished=finished, bad_steps=bad,
+                            fired=fired.cpu(), args=vars(args), data=data, wandb_id=wandb_id)
+            save_sae(sae, args.out_dir, sae_cfg)  # after ckpt.pt: an SAE without a checkpoint is not ours
+
+    def leave(status=None):  # every process exits at once, after rank 0 has saved
+        if ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+        sys.exit(status if master or not isinstance(status, str) else 1)
+
+    t_train, n_timed = 0.0, 0
     for step in range(step, steps + 1):
         last = step == steps
-        if master and (last or (step > 0 and step % max(1, args.eval_every // eff_batch) == 0)):
-            sae.eval()
-            with autocast:
-                m = evaluate(model, sae, L, eval_batches(eval_rows, args.batch_size, device))
-            sae.train()
-            m.update(step=step, samples=step * eff_batch, alive_train=int((fired > 0).sum()))
-            print(f"eval step {step} | l0 {m['l0']:.2f} | alive {m['alive']} | ce +{m['ce_increase']:.4f} | "
-                  f"kl {m['kl']:.4f} | mse {m['mse']:.4g} | ev {m['explained_variance']:.3f}", flush=True)
-            with open(os.path.join(args.out_dir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if args.wandb:
-                wandb.log({f"eval/{k}": v for k, v in m.items() if not isinstance(v, list)}, step=step)
-            fired.zero_()  # alive_train counts features fired since the last eval
+        if last or (step > 0 and step % max(1, args.eval_every // eff_batch) == 0):
+            sync_fired()
+            if master:
+                sae.eval()
+                with autocast:
+                    m = evaluate(model, sae, L, eval_batches(eval_rows, args.batch_size, device))
+                sae.train()
+                m.update(step=step, samples=step * eff_batch, alive_train=int((fired > 0).sum()))
+                append_eval_log(eval_path, m)
+                print(f"eval step {step} | l0 {m['l0']:.2f} | alive {m['alive']} | ce +{m['ce_increase']:.4f} | "
+                      f"kl {m['kl']:.4f} | mse {m['mse']:.4g} | ev {m['explained_variance']:.3f}", flush=True)
+                if args.wandb:
+                    wandb.log({f"eval/{k}": v for k, v in m.items() if not isinstance(v, list)}, step=step)
+                fired.zero_()  # alive_train counts features fired since the last eval
         if last:
             save(step, finished=True)
-            break
+            leave()
         t0 = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, args, eff_batch)
@@ -314,41 +338,50 @@ def main():
             for k, v in dict(parts, loss=loss).items():
                 logs[k] = logs.get(k, 0.0) + v.detach() / accum
         norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        if torch.isfinite(norm) and torch.isfinite(logs["loss"]):
+        # one verdict for all processes: is the loss non-finite anywhere (the gradient is already shared), and
+        # did any process get a signal
+        verdict = torch.tensor([float(not torch.isfinite(logs["loss"])), float(bool(stop))], device=device)
+        if ddp:
+            dist.all_reduce(verdict)
+        finite, stopping = bool(torch.isfinite(norm)) and verdict[0].item() == 0, verdict[1].item() > 0
+        if finite:
             optimizer.step()
             bad = 0
         else:
             bad += 1
             if master:
-                print(f"step {step}: non-finite loss or gradient ({logs['loss'].item():.4g}, norm {norm.item():.4g}); "
+                print(f"step {step:5d} | non-finite loss {logs['loss'].item():.4g} or grad norm {norm.item():.4g}: "
                       f"skipped ({bad} in a row)", flush=True)
-            if bad >= args.max_bad_steps:
-                save(step + 1)
-                sys.exit(f"train.py: error: {bad} non-finite steps in a row at step {step}; the last good state "
-                         f"is saved in {args.out_dir}. Try a lower --lr or --dtype float32")
         optimizer.zero_grad(set_to_none=True)
         t_train, n_timed = t_train + time.time() - t0, n_timed + 1
-        if ddp and world > 1:  # every rank must agree to stop at the same step
-            flag = torch.tensor([float(bool(stop))], device=device)
-            dist.all_reduce(flag)
-            stop += [signal.SIGTERM] if flag.item() and not stop else []
-        if (step + 1) % max(1, args.save_every // eff_batch) == 0 or stop:
-            save(step + 1)
-        if stop:
+        if step % args.log_every == 0:
+            vals = torch.stack(list(logs.values()))
+            if ddp:  # collective: mean over processes, and the firing counts summed
+                dist.all_reduce(vals)
+                vals /= world
+                sync_fired()
             if master:
-                print(f"stopped by signal {stop[0]} after step {step}; checkpoint saved in {args.out_dir}, "
-                      "run the same command to resume", flush=True)
-            sys.exit(128 + stop[0])
-        if master and step % args.log_every == 0:
-            dt, t_train, n_timed = t_train / n_timed, 0.0, 0
-            line = " | ".join(f"{k} {v.item():.4g}" for k, v in logs.items() if k != "loss")
-            print(f"step {step:5d} | loss {logs['loss'].item():.4f} | {line} | alive {int((fired > 0).sum())} | "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e} | {dt * 1000:.0f}ms | "
-                  f"{eff_batch * args.ctx / dt / 1000:.1f}k tok/s", flush=True)
-            if args.wandb:
-                wandb.log({f"train/{k}": v.item() for k, v in logs.items()}, step=step)
-    if ddp:
-        dist.destroy_process_group()
+                dt, t_train, n_timed = t_train / n_timed, 0.0, 0
+                logs = dict(zip(logs, vals.tolist()))
+                line = " | ".join(f"{k} {v:.4g}" for k, v in logs.items() if k != "loss")
+                print(f"step {step:5d} | loss {logs['loss']:.4f} | {line} | alive {int((fired > 0).sum())} | "
+                      f"lr {optimizer.param_groups[0]['lr']:.2e} | {dt * 1000:.0f}ms | "
+                      f"{eff_batch * args.ctx / dt / 1000:.1f}k tok/s", flush=True)
+                if args.wandb:
+                    wandb.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+        if bad >= args.max_bad_steps:
+            save(step + 1)  # the SAE is that of the last good step: skipped steps change nothing
+            leave(f"train.py: error: {bad} non-finite steps in a row (steps {step - bad + 1}..{step}); stopped, the "
+                  f"SAE of the last good step is saved in {args.out_dir}. Resume with --resume --dtype float32 or a "
+                  "larger --max_bad_steps, or start again with a lower --lr")
+        if (step + 1) % max(1, args.save_every // eff_batch) == 0 or stopping:
+            save(step + 1)
+        if stopping:
+            signum = stop[0] if stop else signal.SIGTERM
+            if master:
+                print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+                      f"{args.out_dir}, resume with --resume (or the same command)", flush=True)
+            leave(128 + signum)
 
 
 if __name__ == "__main__":
