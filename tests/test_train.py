@@ -1,22 +1,27 @@
 """End to end: train.py for each loss on a tiny HF-format GPT-2 and a local text file, then eval.py on
 the saved run; and the one-line errors for bad input."""
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, make_text
 
 EVAL_KEYS = {"l0", "alive", "ce_clean", "ce_spliced", "ce_increase", "kl", "mse", "explained_variance",
              "downstream_mse"}
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: more threads only contend on a small machine
+
+
 def run(script, *args, check=True):
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
+                       text=True, cwd=ROOT, timeout=300, env=ENV)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -27,7 +32,7 @@ def tiny_args(model, dataset, out_dir, loss, **kw):
              eval_samples=8, eval_every=48, dict_ratio=4, lr=2e-3, warmup_samples=0, log_every=1, out_dir=out_dir,
              data_dir=os.path.join(os.path.dirname(out_dir), "cache"))
     a.update(kw)
-    return [x for k, v in a.items() for x in (f"--{k}", v)]
+    return [x for k, v in a.items() if v is not False for x in ((f"--{k}",) if v is True else (f"--{k}", v))]
 
 
 @pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
@@ -54,34 +59,79 @@ def test_train_then_eval(tmp_path, tiny_model_dir, text_file, loss):
 
 @pytest.fixture(scope="module")
 def bad_env(tmp_path_factory, tiny_model_dir, text_file):
-    return tmp_path_factory.mktemp("bad"), tiny_model_dir, text_file
+    """A folder of bad inputs (models, datasets, an out_dir), named {tmp}/... in BAD."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "llama").mkdir()
+    (tmp / "llama" / "config.json").write_text(json.dumps(dict(model_type="llama", hidden_size=32)))
+    (tmp / "llama" / "model.safetensors").write_bytes(b"")
+    shutil.copytree(tiny_model_dir, tmp / "nan-gpt2")
+    sd = load_file(str(tmp / "nan-gpt2" / "model.safetensors"))
+    sd["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_file(sd, str(tmp / "nan-gpt2" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "empty.txt").write_text("")
+    (tmp / "emptydir").mkdir()
+    (tmp / "nocol.jsonl").write_text(json.dumps({"body": "no text here"}) + "\n")
+    (tmp / "short.txt").write_text(make_text(300))  # about 9 rows of 32 tokens: 8 held out, 1 to train
+    ids = np.random.default_rng(0).integers(0, 50000, size=(40, 32)).tolist()
+    (tmp / "dup.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids + [ids[3]]))
+    ids[5][7] = 50300  # fits uint16, outside GPT-2's vocabulary
+    (tmp / "bigid.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids))
+    (tmp / "afile").write_text("not a folder")
+    return tmp, tiny_model_dir, text_file
 
 
-BAD = [  # (override, words the one-line message must contain)
+BAD = [  # (override, words the one-line message must contain); {tmp} is the bad_env folder
     (dict(loss="mse"), ["--loss", "'mse'", "local", "e2e_ds"]),
     (dict(layer=3), ["--layer 3", "0..2"]),
     (dict(layer=-1), ["--layer -1", "0..2"]),
     (dict(loss="e2e_ds", layer=2), ["no later layer"]),
     (dict(model="MISSING/dir/model"), ["MISSING/dir/model", "does not exist"]),
+    (dict(model="no-such-model"), ["'no-such-model'", "neither a local folder nor a reachable hub repo"]),
+    (dict(model="{tmp}/llama"), ["model_type 'llama'", "only 'gpt2'"]),
+    (dict(model="{tmp}/nan-gpt2"), ["non-finite weights", "h.0.mlp.c_fc.weight"]),
     (dict(dataset="MISSING.txt"), ["MISSING.txt", "does not exist"]),
+    (dict(dataset="{tmp}/empty.txt"), ["empty.txt", "fewer than ctx = 32 tokens"]),
+    (dict(dataset="{tmp}/emptydir"), ["emptydir", "has no .txt/.jsonl/.parquet files"]),
+    (dict(dataset="{tmp}/nocol.jsonl"), ["nocol.jsonl", "['body']", "need 'input_ids' or 'text'"]),
+    (dict(dataset="{tmp}/short.txt"), ["short.txt", "training rows", "fewer than one batch of 4"]),
+    (dict(dataset="{tmp}/dup.jsonl"), ["dup.jsonl", "eval row 3 is also training row 32", "not be held out"]),
+    (dict(dataset="{tmp}/bigid.jsonl"), ["bigid.jsonl", "token id 50300", "vocabulary of 50257"]),
     (dict(ctx=65), ["--ctx 65", "context of 64"]),
     (dict(l1=-1), ["--l1", "-1", ">= 0"]),
+    (dict(kl_coeff=-0.5), ["--kl_coeff", "-0.5", ">= 0"]),
+    (dict(lr="nan"), ["--lr", "nan", ">= 0"]),
+    (dict(lr="inf"), ["--lr", "inf", ">= 0"]),
+    (dict(lr=0), ["--lr", "> 0"]),
+    (dict(loss="local", kl_coeff=1), ["--kl_coeff 1.0", "no effect with --loss local"]),
+    (dict(ds_coeff=2.5), ["--ds_coeff 2.5", "no effect with --loss e2e"]),
     (dict(batch_size=0), ["--batch_size", "> 0"]),
+    (dict(grad_accum=0), ["--grad_accum", "> 0"]),
+    (dict(n_samples=4), ["--n_samples 4", "one step of 8"]),
+    (dict(dict_ratio=0.01), ["--dict_ratio 0.01", "no features"]),
+    (dict(min_lr_ratio=2), ["--min_lr_ratio", "[0, 1]"]),
     (dict(dtype="float16"), ["--dtype", "float16", "bfloat16"]),
+    (dict(device="tpu"), ["--device 'tpu'", "cpu, cuda"]),
     (dict(eval_samples=100000), ["eval_samples", "leaves none"]),
-]
+    (dict(out_dir="{tmp}/afile"), ["afile", "is a file, not a folder"]),
+    (dict(out_dir="/proc/nanosae-run"), ["/proc/nanosae-run", "not writable"]),
+    (dict(resume=True), ["--resume", "holds no checkpoint"]),
+] + ([(dict(wandb=True), ["--wandb", "pip install wandb"])] if importlib.util.find_spec("wandb") is None else [])
 
 
 @pytest.mark.parametrize("override,words", BAD, ids=[str(b[0]) for b in BAD])
 def test_bad_input_one_line_error(bad_env, override, words):
     tmp, model, data = bad_env
     base = dict(model=model, dataset=data, out_dir=str(tmp / "run"), loss="e2e")
+    override = {k: v.format(tmp=tmp) if isinstance(v, str) else v for k, v in override.items()}
     p = run("train.py", *tiny_args(**dict(base, **override)), check=False)
     err = p.stderr.strip()
     assert p.returncode != 0 and "Traceback" not in err
     assert len(err.splitlines()) == 1, err
     for w in words:
         assert w in err, (w, err)
+    assert not os.path.exists(tmp / "run")  # nothing written, not even an empty --out_dir
 
 
 def test_eval_bad_dir_one_line(tmp_path):
