@@ -15,7 +15,7 @@ then it saves and exits with 128 + the signal). A run killed in any way continue
 exactly as if never stopped: with --resume, or by running the same command again (which says it resumes).
 A step with a non-finite loss or gradient is skipped; --max_bad_steps in a row stop the run.
 DDP: --batch_size is per process, --grad_accum counts micro-batches over all processes, so the samples per
-step (batch_size * grad_accum) and the result do not depend on the number of processes.
+step (batch_size * grad_accum) and the result do not depend on the number of processes (nor does a resume).
 """
 import argparse
 import contextlib
@@ -216,10 +216,19 @@ def main():
         if ddp:
             import torch.distributed as dist
             if device.startswith("cuda"):
+                per_node, n_gpu = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+                if per_node > n_gpu:
+                    raise ValueError(f"{per_node} processes on this node but {n_gpu} GPU(s); one GPU per process")
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                 torch.cuda.set_device(device)
             from datetime import timedelta  # long enough for rank 0 to tokenise a dataset while the others wait
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
+            at = ckpt["step"] if ckpt else -1
+            seen = torch.tensor([at, -at], device=device)  # (max, -min) over processes of the step they resume at
+            dist.all_reduce(seen, dist.ReduceOp.MAX)
+            if seen[0] != -seen[1]:
+                raise ValueError(f"the processes see different checkpoints in --out_dir {args.out_dir!r}; with "
+                                 "several machines it must be a folder they share")
         from data import load_split
         from model import GPT
         model = GPT.from_pretrained(args.model, center=not args.no_center).to(device)

@@ -88,3 +88,12 @@ def test_nonfinite_stop_ends_both_ranks(runs):
     c = ckpt(out)
     assert c["step"] == 3 and c["bad_steps"] == 2
     assert all(torch.isfinite(v).all() for v in c["sae"].values())
+
+
+def test_bad_input_under_torchrun_is_reported_once_without_a_hang(runs):
+    args, _, two, _ = runs
+    p = torchrun(*args("odd", grad_accum=3))
+    stdout, stderr = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    assert (stdout + stderr).count("train.py: error: --grad_accum 3 must be a multiple of the 2 processes") == 1
+    assert not os.path.exists(two.replace("two", "odd"))
