@@ -12,6 +12,7 @@ file is one document) and is tokenised with tiktoken's GPT-2 encoding. Documents
 Tokens are written once to a uint16 file in the cache folder (nanoGPT style) and read back as a
 np.memmap (R, ctx); a second run on the same source and ctx reuses it.
 """
+import functools
 import glob
 import hashlib
 import json
@@ -160,8 +161,8 @@ def _find_overlap(eval_rows, train_rows, eval_hashes, train_hashes):
 
 
 def load_split(source, ctx, n_eval, n_train, vocab_size, cache_dir=DEFAULT_CACHE):
-    """(eval rows, train rows, fingerprint) for training: the first n_eval rows held out, then up to n_train
-    rows. Checked: token ids inside the vocabulary, and no eval row equal to a training row (a source that
+    """(eval rows, train rows, fingerprint) for training: the first n_eval rows held out, the rest to train on
+    (a hub source is read to n_eval + n_train rows, a local one whole). Checked: token ids inside the vocabulary, and no eval row equal to a training row (a source that
     repeats itself would leak the eval set). The fingerprint, dict(rows, fingerprint), tells a resumed run
     whether it reads the same tokens."""
     rows = load_rows(source, ctx, n_rows=n_eval + n_train, cache_dir=cache_dir)
@@ -177,6 +178,11 @@ def load_split(source, ctx, n_eval, n_train, vocab_size, cache_dir=DEFAULT_CACHE
     return eval_rows, train_rows, dict(rows=len(rows), fingerprint=hashlib.sha1(hashes.tobytes()).hexdigest()[:16])
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed, epoch, n_rows):
+    return np.random.default_rng(seed + epoch).permutation(n_rows)  # milliseconds at 400k rows: once per epoch
+
+
 def sample_rows(seed, n_rows, start, count):
     """Row indices for training positions start .. start+count: epoch e is permutation(seed + e) of all rows,
     so the data order is a pure function of (seed, position) and a resumed run reads what it would have."""
@@ -184,7 +190,7 @@ def sample_rows(seed, n_rows, start, count):
     while pos < start + count:
         epoch, off = divmod(pos, n_rows)
         take = min(start + count - pos, n_rows - off)
-        out.append(np.random.default_rng(seed + epoch).permutation(n_rows)[off:off + take])
+        out.append(_epoch_order(seed, epoch, n_rows)[off:off + take])
         pos += take
     return np.concatenate(out)
 

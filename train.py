@@ -303,9 +303,12 @@ def main():
     def save(next_step, finished=False):  # collective
         sync_fired()
         if master:
-            save_checkpoint(ckpt_path, sae, optimizer, step=next_step, finished=finished, bad_steps=bad,
-                            fired=fired.cpu(), args=vars(args), data=data, wandb_id=wandb_id)
+            state = dict(step=next_step, bad_steps=bad, fired=fired.cpu(), args=vars(args), data=data,
+                         wandb_id=wandb_id)
+            save_checkpoint(ckpt_path, sae, optimizer, finished=False, **state)
             save_sae(sae, args.out_dir, sae_cfg)  # after ckpt.pt: an SAE without a checkpoint is not ours
+            if finished:  # only once sae.safetensors is final too
+                save_checkpoint(ckpt_path, sae, optimizer, finished=True, **state)
 
     def leave(status=None):  # every process exits at once, after rank 0 has saved
         if ddp:
