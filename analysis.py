@@ -18,8 +18,8 @@ and the encoder rows W_e / ‖W_e‖_row (which the paper did not study).
     CI            mean(w_A) − mean(w_B) and its 95% two-sample bootstrap interval
 Similarities are computed --chunk rows at a time and reduced to running maxima: no n×n matrix is ever built
 (two 46,080 × 768 SAEs, all of the above: 4.5 min and 1.3 GB peak RSS on 2 CPU cores).
-Alive features come from the source's saved firing frequencies (firing.safetensors, written by
-`eval.py --save_firing`, or a SAELens sparsity.safetensors), else all features; --alive_from eval counts them.
+Alive features come from the source's saved firing frequencies (firing.safetensors, written by train.py's
+final eval and by `eval.py --save_firing`, or a SAELens sparsity.safetensors), else all features; --alive_from eval counts them.
 """
 import argparse
 import json

@@ -6,9 +6,9 @@ Train an SAE on GPT-2's residual stream entering block --layer: local (MSE), e2e
     python train.py --loss local --layer 2 --l1 4              # a local SAE at another sparsity
     python train.py --resume --out_dir out/e2e_ds_L6           # continue a stopped run with its own arguments
     torchrun --standalone --nproc_per_node=4 train.py --loss e2e --layer 6  # 4 GPUs, DDP on the SAE
-    # tiny CPU run on a local text file:
-    python train.py --model tests/tiny-gpt2 --dataset input.txt --loss e2e --layer 1 --ctx 64 \\
-        --n_samples 256 --batch_size 4 --grad_accum 1 --eval_samples 8 --eval_every 128 --dict_ratio 4
+    # a small CPU run on a local text file (minutes):
+    python train.py --dataset input.txt --loss e2e --layer 6 --ctx 128 --n_samples 512 --batch_size 4 \\
+        --grad_accum 1 --dict_ratio 4 --eval_samples 16 --eval_every 256 --warmup_samples 64 --device cpu
 
 Long runs: --out_dir gets ckpt.pt every --save_every samples and on SIGTERM/SIGINT (the step finishes,
 then it saves and exits with 128 + the signal). A run killed in any way continues from its last checkpoint
@@ -253,6 +253,7 @@ def main():
 
     from eval import evaluate
     from data import eval_batches, get_batch, sample_rows
+    from interop import save_firing
     from sae import SAE, save_sae
     torch.manual_seed(args.seed)
     if device.startswith("cuda"):
@@ -324,8 +325,12 @@ def main():
             if master:
                 sae.eval()
                 with autocast:
-                    m = evaluate(model, sae, L, eval_batches(eval_rows, args.batch_size, device))
+                    m, counts = evaluate(model, sae, L, eval_batches(eval_rows, args.batch_size, device),
+                                         return_counts=True)
                 sae.train()
+                if last:  # per-feature firing frequency on the held-out rows, for analysis and export
+                    save_firing(args.out_dir, counts / m["alive_tokens"], m["alive_tokens"], dataset=args.dataset,
+                                held_out=True)
                 m.update(step=step, samples=step * eff_batch, alive_train=int((fired > 0).sum()))
                 append_eval_log(eval_path, m)
                 print(f"eval step {step} | l0 {m['l0']:.2f} | alive {m['alive']} | ce +{m['ce_increase']:.4f} | "

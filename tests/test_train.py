@@ -48,6 +48,10 @@ def test_train_then_eval(tmp_path, tiny_model_dir, text_file, loss):
         assert os.path.isfile(os.path.join(out, f)), f
     final = [json.loads(line) for line in open(os.path.join(out, "eval.jsonl"))][-1]
     assert final["step"] == 12
+    from interop import load_firing
+    firing = load_firing(out)  # the final eval's per-feature firing frequency
+    assert int((firing["freq"] > 0).sum()) == final["alive"] and firing["tokens"] == final["alive_tokens"]
+    assert abs(firing["freq"].sum().item() - final["l0"]) < 1e-6 * max(1.0, final["l0"])
     e = run("eval.py", out, "--json")
     m = json.loads(e.stdout)
     assert EVAL_KEYS <= set(m)
