@@ -38,7 +38,7 @@ parser.add_argument("--batch_size", type=int, default=4)
 parser.add_argument("--layer", type=int, default=6)
 parser.add_argument("--dict_ratio", type=float, default=8.0)
 parser.add_argument("--loss", default="all", choices=["local", "e2e", "e2e_ds", "all"])
-parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per fused-KL chunk (default: train.py's)")
+parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per fused-KL chunk (default: losses.KL_CHUNK for the device)")
 # measurement
 parser.add_argument("--steps", type=int, default=5, help="timed steps")
 parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -84,18 +84,20 @@ def step_flops(cfg, args, n_dict):
     return N * (prefix + (suffix + unembed) + sae + 2 * suffix + 2 * unembed)  # clean, spliced fwd, bwd = fwd
 
 
-def matmul_flops(device, dtype, n=2048, reps=5):
-    """Measured FLOP/s of an n×n×n matmul in dtype: the machine's attainable matmul peak."""
+def matmul_flops(device, dtype, n=2048, reps=3, trials=5):
+    """FLOP/s of an n×n×n matmul in dtype, the best of several trials: the machine's attainable peak."""
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
+    a @ b
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(trials):
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
 
 
 def measure(args, loss, path):
@@ -115,7 +117,7 @@ def measure(args, loss, path):
         sae.compile()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     step_args = argparse.Namespace(loss=loss, layer=args.layer, l1=1.0, kl_coeff=KL_COEFF.get(loss, 0.0),
-                                   ds_coeff=2.5, kl_chunk=args.kl_chunk or 128,
+                                   ds_coeff=2.5, kl_chunk=args.kl_chunk,
                                    batch_size=args.batch_size, ctx=args.ctx)
     fn = naive_loss_step if path == "naive" else loss_step
     idx = torch.randint(0, cfg.vocab_size, (args.batch_size, args.ctx), device=device)

@@ -11,7 +11,9 @@ Residual centring (on by default): TransformerLens's `center_writing_weights`. E
 into the residual stream (wte, wpe, each attn/mlp c_proj weight and bias) has its mean over the d_model
 axis removed, so every residual vector is mean-zero over d. Every read of the residual goes through a
 LayerNorm, which removes that mean anyway, so the logits do not change; the SAEs of the paper were
-trained on (and the released ones expect) this centred stream. The unembedding is the *uncentred* wte.
+trained on (and the released ones expect) this centred stream. wpe and the c_proj weights are centred
+once at load. wte is also the (uncentred) unembedding, so its looked-up rows are centred instead: the
+same residual, and wte stays tied to lm_head (a centred copy would cost V×d floats, 154 MB for GPT-2 small).
 """
 import json
 import math
@@ -95,7 +97,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2 (untied by centring)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)  # GPT-2's init, for random models (tests, benchmarks)
         for n, p in self.named_parameters():
             if n.endswith("c_proj.weight"):
@@ -113,7 +115,10 @@ class GPT(nn.Module):
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} is above the model's context {self.config.n_positions}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        tok = self.transformer.wte(idx)                                 # (B, T, C)
+        if self.centered:  # the centred wte row, without a centred copy of wte (see the module docstring)
+            tok = tok - tok.mean(-1, keepdim=True)
+        x = tok + self.transformer.wpe(pos)                             # (B, T, C)
         for block in self.transformer.h[:layer]:
             x = block(x)
         return x
@@ -136,13 +141,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def center_writing_weights(self):
-        """Remove the mean over d_model from every weight and bias that writes into the residual stream.
-        nn.Linear weights are (out, in), so the d_model axis of a c_proj weight is dim 0."""
+        """Remove the mean over d_model from every weight and bias that writes into the residual stream
+        (wte's rows are centred as they are looked up). nn.Linear weights are (out, in), so the d_model axis
+        of a c_proj weight is dim 0."""
         if self.centered:
             return self
         tr = self.transformer
-        self.lm_head.weight = nn.Parameter(tr.wte.weight.detach().clone())  # the unembedding stays uncentred
-        tr.wte.weight = nn.Parameter(tr.wte.weight - tr.wte.weight.mean(-1, keepdim=True))
         tr.wpe.weight.sub_(tr.wpe.weight.mean(-1, keepdim=True))
         for block in tr.h:
             for proj in (block.attn.c_proj, block.mlp.c_proj):

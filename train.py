@@ -79,7 +79,7 @@ parser.add_argument("--resume", action="store_true", help="continue the run in -
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
 parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
-parser.add_argument("--kl_chunk", type=int, default=128, help="tokens per chunk of the fused KL")
+parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per chunk of the fused KL (default 64 on CPU, 512 on CUDA)")
 parser.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
 parser.add_argument("--seed", type=int, default=0)
 parser.error = lambda msg: sys.exit(f"train.py: error: {msg}")  # one line, no usage dump
@@ -121,7 +121,7 @@ def check_args(args):
     """Every flag that needs no model or data, checked up front: ValueError with a one-line message."""
     for name in ("batch_size", "grad_accum", "n_samples", "ctx", "eval_samples", "eval_every", "save_every",
                  "log_every", "kl_chunk", "max_bad_steps"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ("l1", "kl_coeff", "ds_coeff", "warmup_samples", "grad_clip", "lr", "dict_ratio"):
         if not 0 <= getattr(args, name) < math.inf:  # also catches nan

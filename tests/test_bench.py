@@ -40,3 +40,24 @@ def test_step_flops_counts():
     a.loss = "e2e"
     e2e = 6 * (block + 3 * 3 * block + 3 * 2 * 8 * 10 + 2 * 8 * 16 * 6)
     assert step_flops(cfg, a, 16) == e2e
+
+
+def test_short_training_fast_equals_naive(tiny_model_dir):
+    """Eight Adam steps with each way of computing the step end at the same SAE (fp32, float tolerance)."""
+    model = GPT.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    sae = SAE(model.config.n_embd, 4 * model.config.n_embd)
+    sae_naive, init = copy.deepcopy(sae), copy.deepcopy(sae)
+    args = argparse.Namespace(loss="e2e_ds", layer=1, l1=0.7, kl_coeff=0.5, ds_coeff=2.5, kl_chunk=None)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 50257, (2, 16), generator=g) for _ in range(8)]
+    for s, fn in ((sae, loss_step), (sae_naive, naive_loss_step)):
+        opt = torch.optim.Adam(s.parameters(), lr=1e-3)
+        for idx in batches:
+            fn(model, s, idx, args)[0].backward()
+            torch.nn.utils.clip_grad_norm_(s.parameters(), 10.0)
+            opt.step()
+            opt.zero_grad()
+    assert (sae.encoder.weight - init.encoder.weight).abs().max() > 1e-3  # training moved it, well past the tolerance
+    for (name, p), q in zip(sae.named_parameters(), sae_naive.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name

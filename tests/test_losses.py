@@ -20,7 +20,7 @@ def test_kl_equals_hand_sum_and_direction():
     assert fused_kl_div(new, clean, W, chunk_size=4).item() == pytest.approx(hand, rel=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000, None])
 def test_fused_kl_value_and_grad_match_plain(chunk):
     g = torch.Generator().manual_seed(1)
     B, T, C, V = 3, 21, 16, 503

@@ -48,7 +48,12 @@ def test_centring_makes_residual_mean_zero(tiny_model_dir, hf_and_idx):
             x = centred.forward_to_layer(idx, L)
             assert x.mean(-1).abs().max().item() < 1e-6
         assert plain.forward_to_layer(idx, 1).mean(-1).abs().max().item() > 1e-4  # it did something
-    assert centred.lm_head.weight.data_ptr() != centred.transformer.wte.weight.data_ptr()
+    # wte stays the uncentred unembedding, tied; its rows are centred as they are looked up
+    assert centred.lm_head.weight is centred.transformer.wte.weight
+    assert torch.equal(centred.transformer.wte.weight, plain.transformer.wte.weight)
+    tok = centred.transformer.wte.weight[idx]
+    pos = centred.transformer.wpe.weight[:idx.size(1)]
+    assert torch.allclose(centred.forward_to_layer(idx, 0), tok - tok.mean(-1, keepdim=True) + pos, atol=1e-7)
 
 
 def test_splice_identity_every_layer(tiny_model_dir, hf_and_idx):
