@@ -163,8 +163,8 @@ def _find_overlap(eval_rows, train_rows, eval_hashes, train_hashes):
 def load_split(source, ctx, n_eval, n_train, vocab_size, cache_dir=DEFAULT_CACHE):
     """(eval rows, train rows, fingerprint) for training: the first n_eval rows held out, the rest to train on
     (a hub source is read to n_eval + n_train rows, a local one whole). Checked: token ids inside the
-    vocabulary, and no eval row equal to a training row (a source that repeats itself would leak the eval set). The fingerprint, dict(rows, fingerprint), tells a resumed run
-    whether it reads the same tokens."""
+    vocabulary, and no eval row equal to a training row (a source that repeats itself would leak the eval set).
+    The fingerprint, dict(rows, fingerprint), tells a resumed run whether it reads the same tokens."""
     rows = load_rows(source, ctx, n_rows=n_eval + n_train, cache_dir=cache_dir)
     eval_rows, train_rows = split_rows(rows, n_eval)
     if int(rows.max()) >= vocab_size:
