@@ -67,7 +67,7 @@ def test_directional_metric_differs_from_matching():
     a = unit_rows(torch.stack([e[0] + 0.1 * e[5], e[0] + 0.1 * e[6], e[0] + 0.1 * e[7]]))
     a_to_b, b_to_a = nearest_cos(a, b)
     assert a_to_b.mean() > 0.99                                 # every A feature has a close B feature
-    assert b_to_a.mean() == pytest.approx(a_to_b[0] / 3, abs=1e-6)  # but only one B feature is covered
+    assert b_to_a.mean().item() == pytest.approx(a_to_b[0].item() / 3, abs=1e-6)  # but only one B feature is covered
     m = matching(a, b)
     assert m["exact"] and m["pairs"] == 3 and m["mean"] == pytest.approx(b_to_a.mean().item(), abs=1e-6)
     assert m["directional_mean"] - m["mean"] > 0.6
@@ -77,7 +77,7 @@ def test_bootstrap_diff_known_answer():
     rng = np.random.default_rng(1)
     a, b = rng.normal(0.5, 0.01, 2000), rng.normal(0.3, 0.01, 3000)
     r = bootstrap_diff(a, b, n_boot=2000)
-    assert r["diff"] == pytest.approx(a.mean() - b.mean())
+    assert r["diff"] == pytest.approx(float(a.mean() - b.mean()))
     lo, hi = r["ci95"]
     se = np.sqrt(0.01 ** 2 / 2000 + 0.01 ** 2 / 3000)
     assert lo < r["diff"] < hi and 2 * 1.96 * se * 0.9 < hi - lo < 2 * 1.96 * se * 1.1  # a 95% interval
