@@ -4,6 +4,7 @@ The paper's figures and numbers from run folders (or any source eval.py reads: A
     python analysis.py geometry out/local_L6 out/e2e_L6 --out geometry.png   # Fig. 3 numbers for two SAEs
     python analysis.py geometry out/local_L6                                 # within one SAE
     python analysis.py pareto out/*_L6 --out pareto.png                      # Fig. 1: L0 and alive vs CE increase
+    python analysis.py pareto out/sweep_local-e2e-e2e_ds_L6 --out pareto.png # a sweep folder: each of its SAEs
     python analysis.py downstream out/*_L6 --out downstream.png              # Fig. 2: MSE at every later layer
 Every command prints its numbers as one JSON object on stdout. pareto and downstream read the last line of
 each run's eval.jsonl (its final eval); `python eval.py SRC --json >> SRC/eval.jsonl` makes one for any SAE.
@@ -153,6 +154,17 @@ def geometry(path_a, path_b=None, alive_from="saved", match_cap=4096, chunk=1024
 
 # ----------------------------------------------------------------------------- run folders and plots
 
+def expand_runs(paths):
+    """Run folders, with a sweep folder (train.py with several SAEs: one run folder per SAE inside it)
+    replaced by its run folders."""
+    out = []
+    for p in paths:
+        subs = sorted(os.path.join(p, d) for d in os.listdir(p) if os.path.isfile(os.path.join(p, d, "sae.json"))) \
+            if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "sae.json")) else []
+        out += subs or [p]
+    return out
+
+
 def final_eval(path):
     """(sae.json cfg, the last eval.jsonl line) of a run folder."""
     f, j = os.path.join(path, "eval.jsonl"), os.path.join(path, "sae.json")
@@ -194,7 +206,7 @@ def pareto(paths, out=None):
     """L0 and alive against CE increase, one series per loss kind; the JSON has every point and each
     kind's non-dominated front (lower L0 and lower CE increase; more alive and lower CE increase)."""
     points = []
-    for p in paths:
+    for p in expand_runs(paths):
         cfg, m = final_eval(p)
         points.append(dict(run=p, loss=cfg.get("loss", "unknown"), layer=cfg.get("layer"), l0=m["l0"], alive=m["alive"],
                            alive_tokens=m.get("alive_tokens"), ce_increase=m["ce_increase"], step=m.get("step")))
@@ -230,7 +242,7 @@ def pareto(paths, out=None):
 def downstream(paths, out=None):
     """Per-layer MSE and explained variance from L to the final residual (Fig. 2), one line per run."""
     rows = []
-    for p in paths:
+    for p in expand_runs(paths):
         cfg, m = final_eval(p)
         L = m.get("layer", cfg["layer"])
         layers = [str(L)] + [str(k) for k in m.get("downstream_layers", range(L + 1, L + 1 + len(m["downstream_mse"])))] + ["final"]

@@ -4,12 +4,15 @@ Benchmark training steps of each loss on a randomly initialised GPT-2 of a given
     python bench.py                                            # GPT-2 small shape, ctx 128, batch 4, layer 6
     python bench.py --n_layer 4 --n_head 4 --n_embd 128 --batch_size 8 --layer 2 --naive   # fast vs naive
     python bench.py --device cuda --dtype bfloat16 --compile --ctx 1024 --batch_size 8 --dict_ratio 60
+    python bench.py --loss e2e_ds --n_sae 4                    # one sweep step of 4 SAEs vs one single step
 
 Each (loss, path) runs in a fresh process, so peak memory is its own (CPU: peak RSS; CUDA: max allocated).
 After --warmup steps, --steps optimizer steps are timed. One step = one micro-batch forward + backward,
 grad clip and Adam step, exactly train.py's loss_step. --naive also runs the step the way the reference
 implementation does: a full clean forward to fp32 logits, a second full forward from the embedding with
-the SAE spliced in, full fp32 logits, the plain KL (losses.kl_div).
+the SAE spliced in, full fp32 logits, the plain KL (losses.kl_div). --n_sae K also times one step of a
+sweep of K SAEs of each loss (λ = 1, 2, 4, ...; train.py's shared passes, then each SAE's loss, backward,
+clip and Adam step), in its own process, and reports its time and peak memory over the single step's.
 
 MFU = the step's model FLOPs / the matmul FLOP/s measured on this machine, in this run, in the same
 dtype. Model FLOPs count each matmul the step needs once (2·m·n·k): prefix, clean suffix and unembedding
@@ -26,7 +29,8 @@ import time
 
 import torch
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # model shape
 parser.add_argument("--n_layer", type=int, default=12)
 parser.add_argument("--n_head", type=int, default=12)
@@ -46,6 +50,7 @@ parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
 parser.add_argument("--naive", action="store_true", help="also run the reference's way, side by side")
+parser.add_argument("--n_sae", type=int, default=1, help="also time one sweep step of this many SAEs (K > 1)")
 parser.add_argument("--json", action="store_true", help="print only the JSON lines")
 parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "loss:fast|naive": one measurement
 
@@ -54,9 +59,9 @@ def naive_loss_step(model, sae, idx, args):
     """The reference's e2e step: the whole clean model to full fp32 logits, then the whole model again from
     the tokens with the SAE spliced in, full fp32 logits, and the plain KL on them. Local: as train.py."""
     from losses import downstream_mse, kl_div, sparsity_loss
-    from train import loss_step
+    from train import loss_step, shared_passes
     if args.loss == "local":
-        return loss_step(model, sae, idx, args)
+        return loss_step(model, sae, args, shared_passes(model, idx, [args]))
     L = args.layer
     with torch.no_grad():
         logits_clean, clean = model.forward_from_layer(model.forward_to_layer(idx, L), L)
@@ -72,16 +77,16 @@ def naive_loss_step(model, sae, idx, args):
     return loss, parts
 
 
-def step_flops(cfg, args, n_dict):
-    """Model FLOPs of one step (see the module docstring)."""
+def step_flops(cfg, args, n_dict, n_sae=1):
+    """Model FLOPs of one step of n_sae SAEs sharing the frozen passes (see the module docstring)."""
     N, C, V, T = args.batch_size * args.ctx, cfg.n_embd, cfg.vocab_size, args.ctx
     block = 2 * (4 * C * C + 2 * C * cfg.n_inner) + 4 * T * C  # per token: 4 C×C + 2 C×4C matmuls, QKᵀ and AV
     prefix, suffix = args.layer * block, (cfg.n_layer - args.layer) * block
     sae = 2 * C * n_dict * 2 * 3  # encoder + decoder, forward and backward (two grads each)
     if args.loss == "local":
-        return N * (prefix + sae)
+        return N * (prefix + n_sae * sae)
     unembed = 2 * C * V
-    return N * (prefix + (suffix + unembed) + sae + 2 * suffix + 2 * unembed)  # clean, spliced fwd, bwd = fwd
+    return N * (prefix + (suffix + unembed) + n_sae * (sae + 2 * suffix + 2 * unembed))  # clean; spliced fwd, bwd
 
 
 def matmul_flops(device, dtype, n=2048, reps=3, trials=5):
@@ -101,25 +106,26 @@ def matmul_flops(device, dtype, n=2048, reps=3, trials=5):
 
 
 def measure(args, loss, path):
-    """One (loss, path) measurement in this process; returns the JSON dict."""
+    """One (loss, path) measurement in this process (path: fast, naive or sweep); returns the JSON dict."""
     from model import GPT, GPTConfig
     from sae import SAE
-    from train import KL_COEFF, loss_step
+    from train import KL_COEFF, loss_step, shared_passes
     device = args.device
     torch.manual_seed(0)
     cfg = GPTConfig(n_positions=max(1024, args.ctx), vocab_size=args.vocab_size, n_layer=args.n_layer,
                     n_head=args.n_head, n_embd=args.n_embd, n_inner=4 * args.n_embd)
     model = GPT(cfg).center_writing_weights().to(device).requires_grad_(False).eval()
-    sae = SAE(cfg.n_embd, int(args.dict_ratio * cfg.n_embd)).to(device)
+    k = args.n_sae if path == "sweep" else 1
+    saes = [SAE(cfg.n_embd, int(args.dict_ratio * cfg.n_embd)).to(device) for _ in range(k)]
     if args.compile:
         for block in model.transformer.h:
             block.compile()
-        sae.compile()
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    step_args = argparse.Namespace(loss=loss, layer=args.layer, l1=1.0, kl_coeff=KL_COEFF.get(loss, 0.0),
-                                   ds_coeff=2.5, kl_chunk=args.kl_chunk,
-                                   batch_size=args.batch_size, ctx=args.ctx)
-    fn = naive_loss_step if path == "naive" else loss_step
+        for sae in saes:
+            sae.compile()
+    opts = [torch.optim.Adam(sae.parameters(), lr=1e-4) for sae in saes]
+    step_args = [argparse.Namespace(loss=loss, layer=args.layer, l1=2.0 ** i, kl_coeff=KL_COEFF.get(loss, 0.0),
+                                    ds_coeff=2.5, kl_chunk=args.kl_chunk, batch_size=args.batch_size, ctx=args.ctx)
+                 for i in range(k)]
     idx = torch.randint(0, cfg.vocab_size, (args.batch_size, args.ctx), device=device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -128,19 +134,24 @@ def measure(args, loss, path):
         sync()
         t = time.perf_counter()
         with autocast:
-            loss_value, _ = fn(model, sae, idx, step_args)
-        loss_value.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 10.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            shared = None if path == "naive" else shared_passes(model, idx, step_args)
+        for sae, opt, r in zip(saes, opts, step_args):
+            with autocast:
+                loss_value, _ = naive_loss_step(model, sae, idx, r) if path == "naive" else \
+                    loss_step(model, sae, r, shared)
+            loss_value.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 10.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        del shared
         sync()
         times.append(time.perf_counter() - t)
     s = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]  # median
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    flops = step_flops(cfg, step_args, sae.n_dict)
+    flops = step_flops(cfg, step_args[0], saes[0].n_dict, k)
     mm = matmul_flops(device, torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
-    return dict(loss=loss, path=path, device=device, dtype=args.dtype, compile=args.compile,
+    return dict(loss=loss, path=path, n_sae=k, device=device, dtype=args.dtype, compile=args.compile,
                 s_per_step=s, tokens_per_s=args.batch_size * args.ctx / s, peak_mem_mb=peak,
                 step_gflop=flops / 1e9, matmul_gflops=mm / 1e9, mfu=flops / s / mm, threads=torch.get_num_threads())
 
@@ -157,10 +168,12 @@ def main():
         return
     if not 0 <= args.layer < args.n_layer:
         sys.exit(f"bench.py: error: --layer {args.layer} is outside 0..{args.n_layer - 1}")
+    if args.n_sae < 1:
+        sys.exit(f"bench.py: error: --n_sae must be >= 1, got {args.n_sae}")
     losses = ["local", "e2e", "e2e_ds"] if args.loss == "all" else [args.loss]
     rows = []
     for loss in losses:
-        for path in ["fast", "naive"] if args.naive else ["fast"]:
+        for path in ["fast"] + ["naive"] * args.naive + ["sweep"] * (args.n_sae > 1):
             if path == "naive" and loss == "local":
                 continue  # the same step as fast for local runs
             p = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", f"{loss}:{path}",
@@ -175,12 +188,16 @@ def main():
     shape = f"{args.n_layer}L d{args.n_embd} V{args.vocab_size} ctx {args.ctx} batch {args.batch_size} layer {args.layer} ratio {args.dict_ratio:g}"
     print(f"\n{shape} | {rows[0]['device']} {args.dtype}{' compile' if args.compile else ''} | "
           f"matmul {rows[0]['matmul_gflops']:.0f} GFLOP/s | {rows[0]['threads']} threads")
-    print(f"{'loss':8s} {'path':6s} {'s/step':>8s} {'tok/s':>9s} {'peak MB':>8s} {'MFU':>6s} {'speed-up':>8s}")
+    print(f"{'loss':8s} {'path':9s} {'s/step':>8s} {'tok/s':>9s} {'peak MB':>8s} {'MFU':>6s} {'speed-up':>8s} "
+          f"{'time/single':>11s} {'mem/single':>10s}")
     for r in rows:
-        naive = next((n for n in rows if n["loss"] == r["loss"] and n["path"] == "naive"), None)
-        gain = f"{naive['s_per_step'] / r['s_per_step']:.2f}x" if naive and r["path"] == "fast" else ""
-        print(f"{r['loss']:8s} {r['path']:6s} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_mem_mb']:8.0f} "
-              f"{r['mfu']:6.2f} {gain:>8s}")
+        same = {n["path"]: n for n in rows if n["loss"] == r["loss"]}
+        gain = f"{same['naive']['s_per_step'] / r['s_per_step']:.2f}x" if "naive" in same and r["path"] == "fast" else ""
+        vs = (f"{r['s_per_step'] / same['fast']['s_per_step']:11.2f} {r['peak_mem_mb'] / same['fast']['peak_mem_mb']:10.2f}"
+              if r["path"] == "sweep" else "")
+        path = f"sweep x{r['n_sae']}" if r["path"] == "sweep" else r["path"]
+        print(f"{r['loss']:8s} {path:9s} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_mem_mb']:8.0f} "
+              f"{r['mfu']:6.2f} {gain:>8s} {vs}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """
 What a training run keeps in its --out_dir, and how it is written and read back.
 
-    ckpt.pt           SAE, optimizer, next step, feature-firing counts, RNG states, bad-step streak,
-                      vars(args), a fingerprint of the token rows; never the frozen GPT
+    ckpt.pt           next step, RNG states, vars(args), a fingerprint of the token rows, and for every SAE
+                      of the run its weights, optimizer, feature-firing counts, bad-step streak and its
+                      loss, layer, λ and coefficients; never the frozen GPT
     sae.safetensors   the SAE alone, plus sae.json (sae.save_sae), for eval.py and analysis
     eval.jsonl        one JSON line per evaluation, with its step
 
@@ -16,11 +17,12 @@ import warnings
 
 import torch
 
-FORMAT = "nanosae-checkpoint-1"
-# what must match for a run to resume from its checkpoint (the rest, e.g. --device, --eval_every, may change)
-RESUME_KEYS = ("model", "dataset", "loss", "layer", "no_center", "dict_ratio", "l1", "kl_coeff", "ds_coeff",
-               "n_samples", "batch_size", "grad_accum", "ctx", "lr", "warmup_samples", "min_lr_ratio",
-               "grad_clip", "eval_samples", "seed")
+FORMAT = "nanosae-checkpoint-2"  # -1: one SAE at the top level (still read: load_checkpoint converts it)
+# what must match for a run to resume from its checkpoint (the rest, e.g. --device, --eval_every, may change);
+# the SAEs themselves (loss, layer, λ, coefficients) are compared by check_resumable
+RESUME_KEYS = ("model", "dataset", "no_center", "dict_ratio", "n_samples", "batch_size", "grad_accum", "ctx", "lr",
+               "warmup_samples", "min_lr_ratio", "grad_clip", "eval_samples", "seed")
+PER_SAE = ("loss", "layer", "l1", "kl_coeff", "ds_coeff")  # what differs between the SAEs of a sweep
 
 
 def atomic_save(obj, path):
@@ -32,29 +34,39 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, sae, optimizer, **state):
-    """ckpt.pt: the SAE and optimizer, the RNG states, and state (step, finished, bad_steps, fired, args, data)."""
-    cuda_rng = torch.cuda.get_rng_state() if next(sae.parameters()).is_cuda else None
-    atomic_save(dict(format=FORMAT, sae=sae.state_dict(), optimizer=optimizer.state_dict(),
-                     rng=torch.get_rng_state(), cuda_rng=cuda_rng, **state), path)
+def save_checkpoint(path, **state):
+    """ckpt.pt: state (step, finished, args, data, runs: one dict per SAE with its sae and optimizer state
+    dicts, fired, bad_steps and PER_SAE values) and the RNG states."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    atomic_save(dict(format=FORMAT, rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state() if cuda else None,
+                     **state), path)
 
 
-def restore(ckpt, sae, optimizer):
-    """Load the SAE, optimizer and RNG states of a checkpoint in place."""
-    sae.load_state_dict(ckpt["sae"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+def restore_rng(ckpt, device):
+    """Set the RNG states a checkpoint holds."""
     torch.set_rng_state(ckpt["rng"])
-    if ckpt["cuda_rng"] is not None and next(sae.parameters()).is_cuda:
+    if ckpt["cuda_rng"] is not None and str(device).startswith("cuda"):
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
 
 
+def _absolute(args):
+    """A run stored before paths were made absolute: its local dataset / model / data_dir, if they exist
+    from here, as absolute paths (what parse_args now stores)."""
+    for k in ("dataset", "model", "data_dir"):
+        v = args.get(k)
+        if isinstance(v, str) and not os.path.isabs(v) and os.path.exists(v):
+            args[k] = os.path.abspath(v)
+    return args
+
+
 def load_checkpoint(path):
-    """The checkpoint dict at path; ValueError with one line if the file is not one of ours."""
+    """The checkpoint dict at path; ValueError with one line if the file is not one of ours. A checkpoint of
+    the first format (one SAE) is returned in this one's form."""
     try:
         with warnings.catch_warnings():  # a foreign pickle warns before it fails; keep the error one line
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
-        ok = isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
+        ok = isinstance(ckpt, dict) and ckpt.get("format") in (FORMAT, "nanosae-checkpoint-1")
     except Exception as e:
         ok, why = False, type(e).__name__
     else:
@@ -62,11 +74,19 @@ def load_checkpoint(path):
     if not ok:
         raise ValueError(f"{path!r} is not a readable nanoSAE checkpoint ({why}); move it away or choose "
                          "another --out_dir")
+    if ckpt["format"] == "nanosae-checkpoint-1":
+        a = ckpt["args"]
+        one = dict({k: a[k] for k in PER_SAE}, name=f"{a['loss']}_L{a['layer']}_l{a['l1']:g}",
+                   **{k: ckpt.pop(k) for k in ("sae", "optimizer", "fired", "bad_steps")})
+        ckpt.update(format=FORMAT, runs=[one])
+    if "args" in ckpt:
+        ckpt["args"] = _absolute(ckpt["args"])
     return ckpt
 
 
-def check_resumable(ckpt, args, data):
-    """ValueError unless args and the token rows (data: dict(rows, fingerprint)) are those of the checkpoint."""
+def check_resumable(ckpt, args, runs, data):
+    """ValueError unless args, the SAEs (runs) and the token rows (data: dict(rows, fingerprint)) are those of
+    the checkpoint."""
     where = f"--out_dir {args.out_dir!r}"
     if ckpt["finished"]:
         raise ValueError(f"{where} holds a finished run ({ckpt['step']} steps); choose another --out_dir")
@@ -74,19 +94,31 @@ def check_resumable(ckpt, args, data):
         if ckpt["args"].get(k) != getattr(args, k):
             raise ValueError(f"{where} holds a run with --{k} {ckpt['args'].get(k)!r}, not {getattr(args, k)!r}; "
                              "resume with the same value (or just --resume) or choose another --out_dir")
+    saved, now = [r["name"] for r in ckpt["runs"]], [r.name for r in runs]
+    if saved != now and len(runs) > 1:  # one SAE: the flag that differs is named below
+        raise ValueError(f"{where} holds a run of the SAEs {', '.join(saved)}, not {', '.join(now)}; resume with "
+                         "the same --loss, --layer and --l1 lists (or just --resume) or choose another --out_dir")
+    for a, r in zip(ckpt["runs"], runs):
+        for k in PER_SAE:
+            if a[k] != getattr(r, k):
+                raise ValueError(f"{where} holds a run with --{k} {a[k]!r}, not {getattr(r, k)!r}"
+                                 f"{' for ' + r.name if len(runs) > 1 else ''}; resume with the same value (or just "
+                                 "--resume) or choose another --out_dir")
     if data is not None and ckpt["data"] != data:
         raise ValueError(f"dataset {args.dataset!r} is not the one of the run in {where} ({data['rows']} rows, "
                          f"fingerprint {data['fingerprint']}; the run had {ckpt['data']['rows']} rows, "
                          f"fingerprint {ckpt['data']['fingerprint']})")
 
 
-def check_out_dir(out_dir, ckpt_exists):
-    """ValueError unless out_dir is, or can become, a writable folder that holds nothing of another run."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir {out_dir!r} is a file, not a folder")
-    if not ckpt_exists and os.path.exists(os.path.join(out_dir, "sae.safetensors")):
-        raise ValueError(f"--out_dir {out_dir!r} holds an SAE (sae.safetensors) but no checkpoint (ckpt.pt); "
-                         "choose another --out_dir")
+def check_out_dir(out_dir, ckpt_exists, run_dirs=()):
+    """ValueError unless out_dir is, or can become, a writable folder that holds nothing of another run, and
+    so are the SAEs' run folders (run_dirs: subfolders of out_dir in a sweep)."""
+    for d in [out_dir] + [d for d in run_dirs if d != out_dir]:
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ValueError(f"--out_dir {d!r} is a file, not a folder")
+        if not ckpt_exists and os.path.exists(os.path.join(d, "sae.safetensors")):
+            raise ValueError(f"--out_dir {d!r} holds an SAE (sae.safetensors) but no checkpoint (ckpt.pt"
+                             f"{' in ' + repr(out_dir) if d != out_dir else ''}); choose another --out_dir")
     created, probe = not os.path.exists(out_dir), os.path.join(out_dir, ".write_test")
     try:  # try it: permissions alone do not tell (root, read-only mounts, /proc)
         os.makedirs(out_dir, exist_ok=True)

@@ -74,52 +74,75 @@ class _Moments:
         return 1.0 - self.err / total if total > 0 else float("nan")
 
 
+class _Sums:
+    """Running sums of every metric of one SAE (see the module docstring)."""
+
+    def __init__(self, n_sites):
+        self.counts, self.n_tok, self.l0 = None, 0, 0.0
+        self.logits = dict(kl=0.0, ce=0.0, ce_clean=0.0, n_kl=0, n_ce=0)
+        self.sites = [_Moments() for _ in range(n_sites)]  # L, L+1 .. n_layer-1, final
+        self.ratio0 = self.ratio_rest = 0.0
+        self.n0 = self.n_rest = 0
+
+    def add(self, model, idx, x, x_hat, c, clean, spliced):
+        ln_f = model.transformer.ln_f
+        for k, v in logit_stats(ln_f(spliced[-1]), ln_f(clean[-1]), model.lm_head.weight, idx).items():
+            self.logits[k] += v
+        active = c > 0                                                         # (B, T, n_dict)
+        fired = active.reshape(-1, active.size(-1)).sum(0, dtype=torch.float64)
+        self.counts = fired if self.counts is None else self.counts + fired
+        self.l0 += active.sum().item()
+        self.n_tok += idx.numel()
+        for m, (pred, target) in zip(self.sites, [(x_hat, x)] + list(zip(spliced, clean))):
+            m.add(pred, target)
+        ratio = x_hat.norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12)   # (B, T)
+        self.ratio0 += ratio[:, 0].sum().item()
+        self.ratio_rest += ratio[:, 1:].sum().item()
+        self.n0, self.n_rest = self.n0 + ratio.size(0), self.n_rest + ratio[:, 1:].numel()
+
+    def metrics(self, layer):
+        if self.n_tok == 0:
+            raise ValueError("evaluate got no batches")
+        sums, sites = self.logits, self.sites
+        ce, ce_clean = sums["ce"] / sums["n_ce"], sums["ce_clean"] / sums["n_ce"]
+        later = sites[1:-1]
+        return dict(
+            l0=self.l0 / self.n_tok, alive=int((self.counts > 0).sum().item()), alive_tokens=self.n_tok,
+            n_dict=int(self.counts.numel()), ce_clean=ce_clean, ce_spliced=ce, ce_increase=ce - ce_clean,
+            kl=sums["kl"] / sums["n_kl"], mse=sites[0].mse(), explained_variance=sites[0].explained_variance(),
+            layer=layer, downstream_layers=list(range(layer + 1, layer + 1 + len(later))),
+            downstream_mse=[m.mse() for m in later],
+            downstream_explained_variance=[m.explained_variance() for m in later],
+            final_mse=sites[-1].mse(), final_explained_variance=sites[-1].explained_variance(),
+            norm_ratio_pos0=self.ratio0 / self.n0,
+            norm_ratio_rest=self.ratio_rest / self.n_rest if self.n_rest else float("nan"),
+        )
+
+
 @torch.no_grad()
+def evaluate_many(model, saes, batches, return_counts=False):
+    """evaluate() for several SAEs [(sae, layer), ...] on the same batches: the clean pass runs once per
+    batch, from the shallowest layer, and every SAE reads its layer's residual from it. A list of what
+    evaluate() returns, one per SAE, each equal to evaluating that SAE alone."""
+    lo, n_layer = min(layer for _, layer in saes), model.config.n_layer
+    sums = [_Sums(n_layer - layer + 1) for _, layer in saes]
+    for idx in batches:
+        x = model.forward_to_layer(idx, lo)                                    # (B, T, C)
+        _, after = model.forward_from_layer(x, lo, logits=False)
+        resid = [None] * lo + [x] + after                                      # resid[l] enters block l; [n_layer]: final
+        for (sae, layer), acc in zip(saes, sums):
+            x_hat, c = sae(resid[layer])
+            x_hat = x_hat.float()
+            _, spliced = model.forward_from_layer(x_hat, layer, logits=False)
+            acc.add(model, idx, resid[layer], x_hat, c, resid[layer + 1:], spliced)
+    out = [acc.metrics(layer) for (_, layer), acc in zip(saes, sums)]
+    return [(m, acc.counts) for m, acc in zip(out, sums)] if return_counts else out
+
+
 def evaluate(model, sae, layer, batches, return_counts=False):
     """One dict of metrics (see the module docstring) over the token batches (B, T). Runs under whatever
     autocast the caller set. With return_counts, also the per-feature firing counts (n_dict,)."""
-    counts, n_tok, l0_sum = None, 0, 0.0
-    sums = dict(kl=0.0, ce=0.0, ce_clean=0.0, n_kl=0, n_ce=0)
-    sites = None  # one _Moments per site: L, L+1 .. n_layer-1, final
-    ratio0 = ratio_rest = 0.0
-    n0 = n_rest = 0
-    for idx in batches:
-        x = model.forward_to_layer(idx, layer)                                  # (B, T, C)
-        x_hat, c = sae(x)
-        x_hat = x_hat.float()
-        _, clean = model.forward_from_layer(x, layer, logits=False)
-        _, spliced = model.forward_from_layer(x_hat, layer, logits=False)
-        ln_f = model.transformer.ln_f
-        for k, v in logit_stats(ln_f(spliced[-1]), ln_f(clean[-1]), model.lm_head.weight, idx).items():
-            sums[k] += v
-        active = c > 0                                                         # (B, T, n_dict)
-        fired = active.reshape(-1, active.size(-1)).sum(0, dtype=torch.float64)
-        counts = fired if counts is None else counts + fired
-        l0_sum += active.sum().item()
-        n_tok += idx.numel()
-        sites = sites or [_Moments() for _ in range(len(clean) + 1)]
-        for m, (pred, target) in zip(sites, [(x_hat, x)] + list(zip(spliced, clean))):
-            m.add(pred, target)
-        ratio = x_hat.norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12)   # (B, T)
-        ratio0 += ratio[:, 0].sum().item()
-        ratio_rest += ratio[:, 1:].sum().item()
-        n0, n_rest = n0 + ratio.size(0), n_rest + ratio[:, 1:].numel()
-    if n_tok == 0:
-        raise ValueError("evaluate got no batches")
-    ce, ce_clean = sums["ce"] / sums["n_ce"], sums["ce_clean"] / sums["n_ce"]
-    later = sites[1:-1]
-    metrics = dict(
-        l0=l0_sum / n_tok, alive=int((counts > 0).sum().item()), alive_tokens=n_tok, n_dict=int(counts.numel()),
-        ce_clean=ce_clean, ce_spliced=ce, ce_increase=ce - ce_clean, kl=sums["kl"] / sums["n_kl"],
-        mse=sites[0].mse(), explained_variance=sites[0].explained_variance(),
-        layer=layer, downstream_layers=list(range(layer + 1, layer + 1 + len(later))),
-        downstream_mse=[m.mse() for m in later],
-        downstream_explained_variance=[m.explained_variance() for m in later],
-        final_mse=sites[-1].mse(), final_explained_variance=sites[-1].explained_variance(),
-        norm_ratio_pos0=ratio0 / n0, norm_ratio_rest=ratio_rest / n_rest if n_rest else float("nan"),
-    )
-    return (metrics, counts) if return_counts else metrics
-
+    return evaluate_many(model, [(sae, layer)], batches, return_counts)[0]
 
 
 @torch.no_grad()

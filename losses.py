@@ -62,27 +62,47 @@ def _logits(h, W, i, j):
     return (h[i:j] @ W.t()).float()
 
 
+def _clean_chunk(hc_mm, W_mm, i, j):
+    """(log p_clean, p_clean), each (j−i, V) fp32, of rows i:j."""
+    lp_clean = torch.log_softmax(_logits(hc_mm, W_mm, i, j), dim=-1)
+    return lp_clean, lp_clean.exp()
+
+
+@torch.no_grad()
+def clean_logprobs(h_clean, W, chunk_size=None):
+    """The clean side of fused_kl_div, computed once to be shared by several SAEs spliced into the same
+    batch (train.py sweeps): a list of (log p_clean, p_clean) per chunk, 2·N·V fp32 in all. Passing it as
+    fused_kl_div(..., clean=) gives bitwise the same KL and gradient as recomputing it."""
+    C = h_clean.size(-1)
+    chunk_size = chunk_size or kl_chunk(h_clean.device)
+    dt = _mm_dtype(h_clean)
+    hc_mm, W_mm = h_clean.reshape(-1, C).to(dt), W.to(dt)
+    return [_clean_chunk(hc_mm, W_mm, i, min(i + chunk_size, hc_mm.size(0)))
+            for i in range(0, hc_mm.size(0), chunk_size)]
+
+
 class _FusedKL(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, h_clean, W, chunk_size):
+    def forward(ctx, h, h_clean, W, chunk_size, clean):
         N = h.size(0)
         dt = _mm_dtype(h)
-        h_mm, hc_mm, W_mm = h.to(dt), h_clean.to(dt), W.to(dt)
+        h_mm, W_mm = h.to(dt), W.to(dt)
+        hc_mm = h_clean.to(dt) if clean is None else None
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, N, chunk_size):
+        for k, i in enumerate(range(0, N, chunk_size)):
             j = min(i + chunk_size, N)
             lp = torch.log_softmax(_logits(h_mm, W_mm, i, j), dim=-1)        # (n, V)
-            lp_clean = torch.log_softmax(_logits(hc_mm, W_mm, i, j), dim=-1)  # (n, V)
-            p_clean = lp_clean.exp()
-            # Σ p_clean (log p_clean − log p); in place and as one dot: no (n, V) temporaries
-            total += torch.dot(p_clean.view(-1), lp_clean.sub_(lp).view(-1))
+            lp_clean, p_clean = _clean_chunk(hc_mm, W_mm, i, j) if clean is None else clean[k]  # (n, V) each
+            # Σ p_clean (log p_clean − log p) as one dot; in place unless the clean chunk is shared
+            diff = lp_clean.sub_(lp) if clean is None else lp_clean - lp
+            total += torch.dot(p_clean.view(-1), diff.view(-1))
             if need_grad:
                 dlogits = lp.exp_().sub_(p_clean)                             # (n, V) softmax − softmax_clean
                 grad_h[i:j] = (dlogits.to(dt) @ W_mm).float()                 # (n, C), divided by N below
-            del lp, lp_clean, p_clean
+            del lp, lp_clean, p_clean, diff
         if need_grad:
             grad_h.div_(N)
         ctx.save_for_backward(grad_h)
@@ -92,18 +112,22 @@ class _FusedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return (grad_out * grad_h).to(ctx.h_dtype), None, None, None
+        return (grad_out * grad_h).to(ctx.h_dtype), None, None, None, None
 
 
-def fused_kl_div(h, h_clean, W, chunk_size=None):
+def fused_kl_div(h, h_clean, W, chunk_size=None, clean=None):
     """KL(p_clean ‖ p) with p = softmax(h W_Uᵀ), p_clean = softmax(h_clean W_Uᵀ), mean over tokens.
     h, h_clean: (..., C) final hidden states (after ln_f); W: (V, C) unembedding, frozen.
-    Equal to kl_div(h @ W.T, h_clean @ W.T); the gradient flows to h only."""
+    Equal to kl_div(h @ W.T, h_clean @ W.T); the gradient flows to h only. clean: clean_logprobs(h_clean, W,
+    chunk_size) when several SAEs share it (then h_clean is not read)."""
     C = h.size(-1)
     chunk_size = chunk_size or kl_chunk(h.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _FusedKL.apply(h.reshape(-1, C), h_clean.detach().reshape(-1, C), W.detach(), chunk_size)
+    N = h.reshape(-1, C).size(0)
+    if clean is not None and len(clean) != -(-N // chunk_size):
+        raise ValueError(f"clean has {len(clean)} chunks, not the {-(-N // chunk_size)} of {N} tokens by {chunk_size}")
+    return _FusedKL.apply(h.reshape(-1, C), h_clean.detach().reshape(-1, C), W.detach(), chunk_size, clean)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from bench import naive_loss_step, step_flops
 from model import GPT
 from sae import SAE
-from train import loss_step
+from train import loss_step, shared_passes
 
 
 @pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
@@ -20,7 +20,7 @@ def test_fast_and_naive_steps_agree(tiny_model_dir, loss):
     sae_naive = copy.deepcopy(sae)
     args = argparse.Namespace(loss=loss, layer=1, l1=0.7, kl_coeff=0.5, ds_coeff=2.5, kl_chunk=7)
     idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(1))
-    fast, parts = loss_step(model, sae, idx, args)
+    fast, parts = loss_step(model, sae, args, shared_passes(model, idx, [args]))
     naive, parts_naive = naive_loss_step(model, sae_naive, idx, args)
     fast.backward()
     naive.backward()
@@ -51,7 +51,9 @@ def test_short_training_fast_equals_naive(tiny_model_dir):
     args = argparse.Namespace(loss="e2e_ds", layer=1, l1=0.7, kl_coeff=0.5, ds_coeff=2.5, kl_chunk=None)
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, 50257, (2, 16), generator=g) for _ in range(8)]
-    for s, fn in ((sae, loss_step), (sae_naive, naive_loss_step)):
+    def fast(model, sae, idx, args):
+        return loss_step(model, sae, args, shared_passes(model, idx, [args]))
+    for s, fn in ((sae, fast), (sae_naive, naive_loss_step)):
         opt = torch.optim.Adam(s.parameters(), lr=1e-3)
         for idx in batches:
             fn(model, s, idx, args)[0].backward()

@@ -60,7 +60,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_then_resumes_exactly(runs):
     args, _, two, _ = runs
     out = two.replace("two", "stopped")
     p = torchrun(*args("stopped"))
-    read_until(p, "step     4 |")
+    read_until(p, "step     4/")
     p.send_signal(signal.SIGTERM)  # what a cluster scheduler sends; torchrun passes it to every rank
     stdout, stderr = p.communicate(timeout=TIMEOUT)
     assert p.returncode != 0

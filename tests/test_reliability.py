@@ -56,7 +56,9 @@ def step_lines(stdout):
 
 
 def ckpt(out):
-    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    """The checkpoint in out; a one-SAE run's SAE entries (sae, optimizer, bad_steps, ...) also at the top."""
+    c = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    return dict(c, **c["runs"][0]) if len(c["runs"]) == 1 else c
 
 
 def assert_same_run(out, ref):
@@ -108,7 +110,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(ref, monkeypatch):
     sig = signal.SIGINT
     out = ref_out.replace("ref", sig.name)
     p = start(*args(sig.name))
-    read_until(p, "step     5 |")
+    read_until(p, "step     5/")
     p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 128 + sig, stderr

@@ -39,7 +39,7 @@ def tiny_args(model, dataset, out_dir, loss, **kw):
 def test_train_then_eval(tmp_path, tiny_model_dir, text_file, loss):
     out = str(tmp_path / loss)
     p = run("train.py", *tiny_args(tiny_model_dir, text_file, out, loss))
-    losses = [float(m) for m in re.findall(r"^step +\d+ \| loss ([\d.e+-]+)", p.stdout, re.M)]
+    losses = [float(m) for m in re.findall(r"^step +\d+/12 \| loss ([\d.e+-]+)", p.stdout, re.M)]
     assert len(losses) == 12, p.stdout
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses  # it learns
     part = {"local": "mse", "e2e": "kl", "e2e_ds": "ds"}[loss]
