@@ -40,6 +40,10 @@ def test_train_then_eval(tmp_path, tiny_model_dir, text_file, loss):
     out = str(tmp_path / loss)
     p = run("train.py", *tiny_args(tiny_model_dir, text_file, out, loss))
     losses = [float(m) for m in re.findall(r"^step +\d+/12 \| loss ([\d.e+-]+)", p.stdout, re.M)]
+    # every log line: steps done / total, elapsed, ETA; then one line: done, how long, where, what next
+    assert len(re.findall(r"^step +\d+/12 \| loss .* \| \d+m\d\ds \| eta \d+m\d\ds$", p.stdout, re.M)) == 12, p.stdout
+    assert re.search(rf"^done: 12 steps in \d+m\d\ds; SAE in {re.escape(out)}; next: python eval.py {re.escape(out)}$",
+                     p.stdout, re.M), p.stdout
     assert len(losses) == 12, p.stdout
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses  # it learns
     part = {"local": "mse", "e2e": "kl", "e2e_ds": "ds"}[loss]
@@ -141,3 +145,43 @@ def test_bad_input_one_line_error(bad_env, override, words):
 def test_eval_bad_dir_one_line(tmp_path):
     p = run("eval.py", str(tmp_path), "--json", check=False)
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "no saved SAE" in p.stderr
+
+
+def test_help_shows_every_default():
+    import train
+    text = train.parser.format_help()
+    flags = [a for a in train.parser._actions if a.help and a.help != "==SUPPRESS==" and a.dest != "help"]
+    assert text.count("(default:") == len(flags)
+    flat = " ".join(text.split())
+    for flag, default in (("--model", "gpt2"), ("--layer", "6"), ("--loss", "e2e_ds"), ("--ctx", "1024"),
+                          ("--n_samples", "400000"), ("--dict_ratio", "60.0"), ("--batch_size", "8"), ("--lr", "0.0005")):
+        block = flat.split(f" {flag} ")[1].split(" --")[0]
+        assert f"(default: {default})" in block, (flag, block)
+    p = run("train.py", "--help")
+    assert p.stdout.count("(default:") == len(flags)
+
+
+def test_local_paths_stored_absolute_and_eval_from_elsewhere(tmp_path, tiny_model_dir, text_file):
+    """A run started with relative --dataset / --model works from any directory; a run stored the old way
+    (relative paths) still resumes."""
+    import torch
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(text_file, work / "input.txt")
+    shutil.copytree(tiny_model_dir, work / "gpt")
+    a = tiny_args("gpt", "input.txt", "run", "e2e", n_samples=16, eval_every=16)
+    a[a.index("--data_dir") + 1] = "cache"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, a)], cwd=work, capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    cfg = json.load(open(work / "run" / "sae.json"))
+    assert cfg["args"]["dataset"] == str(work / "input.txt") and cfg["model"] == str(work / "gpt")
+    m = json.loads(run("eval.py", str(work / "run"), "--json", "--alive_tokens", 0).stdout)  # cwd is the repo
+    assert m["dataset"] == str(work / "input.txt") and m["ce_clean"] > 0
+    ckpt = torch.load(work / "run" / "ckpt.pt", weights_only=True)  # as an older version stored it, unfinished
+    ckpt["args"].update(dataset="input.txt", model="gpt", data_dir="cache")
+    ckpt.update(finished=False, step=1)
+    torch.save(ckpt, work / "run" / "ckpt.pt")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", "--out_dir", "run"], cwd=work,
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0 and p.stdout.startswith("resuming run at step 1 of 2"), p.stdout + p.stderr
