@@ -51,6 +51,7 @@ parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"
 parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
 parser.add_argument("--naive", action="store_true", help="also run the reference's way, side by side")
 parser.add_argument("--n_sae", type=int, default=1, help="also time one sweep step of this many SAEs (K > 1)")
+parser.add_argument("--no_kl_share", action="store_true", help="in the sweep, recompute the clean side of the KL per SAE")
 parser.add_argument("--json", action="store_true", help="print only the JSON lines")
 parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "loss:fast|naive": one measurement
 
@@ -134,7 +135,7 @@ def measure(args, loss, path):
         sync()
         t = time.perf_counter()
         with autocast:
-            shared = None if path == "naive" else shared_passes(model, idx, step_args)
+            shared = None if path == "naive" else shared_passes(model, idx, step_args, not args.no_kl_share)
         for sae, opt, r in zip(saes, opts, step_args):
             with autocast:
                 loss_value, _ = naive_loss_step(model, sae, idx, r) if path == "naive" else \
@@ -168,6 +169,8 @@ def main():
         return
     if not 0 <= args.layer < args.n_layer:
         sys.exit(f"bench.py: error: --layer {args.layer} is outside 0..{args.n_layer - 1}")
+    if args.loss in ("e2e_ds", "all") and args.layer == args.n_layer - 1:
+        sys.exit(f"bench.py: error: --loss {args.loss} needs a layer after --layer {args.layer}; use a lower --layer")
     if args.n_sae < 1:
         sys.exit(f"bench.py: error: --n_sae must be >= 1, got {args.n_sae}")
     losses = ["local", "e2e", "e2e_ds"] if args.loss == "all" else [args.loss]
