@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from sae import SAE, load_sae, save_sae
+from sae import SAE, load_sae, save_sae, save_tensors
 
 APOLLO_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
 TLENS_NAMES = {"gpt2-small": "gpt2"}  # TransformerLens model names that differ from ours
@@ -68,11 +68,8 @@ def _json_safe(obj):
 
 def save_firing(out_dir, freq, tokens, **meta):
     """firing.safetensors in out_dir: freq (n_dict,) fp64 and string metadata (tokens, plus meta)."""
-    from safetensors.torch import save_file
     meta = {k: str(v) for k, v in dict(meta, tokens=tokens).items()}
-    tmp = os.path.join(out_dir, "firing.safetensors.tmp")
-    save_file({"freq": freq.detach().double().cpu().contiguous()}, tmp, metadata=meta)
-    os.replace(tmp, os.path.join(out_dir, "firing.safetensors"))
+    save_tensors({"freq": freq.detach().double().cpu().contiguous()}, os.path.join(out_dir, "firing.safetensors"), meta)
 
 
 def load_firing(path):
@@ -141,7 +138,6 @@ def read_apollo(path):
 
 def write_saelens(sae, cfg, out_dir, firing=None):
     """cfg.json + sae_weights.safetensors (+ sparsity.safetensors when firing = dict(freq, tokens))."""
-    from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     args = {k: v for k, v in cfg.get("args", {}).items() if k not in ("out_dir", "data_dir")}  # paths of this machine
     meta = dict(sae_lens_version="6.0.0", model_name=cfg["model"], hook_name=f"blocks.{cfg['layer']}.hook_resid_pre",
@@ -153,14 +149,14 @@ def write_saelens(sae, cfg, out_dir, firing=None):
     with torch.no_grad():
         tensors = {"W_enc": sae.encoder.weight.t(), "b_enc": sae.encoder.bias,       # (d, n_dict), (n_dict,)
                    "W_dec": sae.dict_elements().t(), "b_dec": sae.decoder.bias}      # (n_dict, d), (d,)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-                  os.path.join(out_dir, "sae_weights.safetensors"))
+        save_tensors({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                     os.path.join(out_dir, "sae_weights.safetensors"))
     with open(os.path.join(out_dir, "cfg.json"), "w") as f:
         json.dump(out, f, indent=2)
     if firing is not None:
         sparsity = torch.log10(firing["freq"].double() + EPS).float()
-        save_file({"sparsity": sparsity}, os.path.join(out_dir, "sparsity.safetensors"),
-                  metadata={"tokens": str(firing.get("tokens"))})
+        save_tensors({"sparsity": sparsity}, os.path.join(out_dir, "sparsity.safetensors"),
+                     metadata={"tokens": str(firing.get("tokens"))})
 
 
 def read_saelens(path):
