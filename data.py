@@ -26,8 +26,14 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nanosae")
 
 
 def _tokenizer():
+    """tiktoken's GPT-2 encoding; it downloads two vocabulary files once into TIKTOKEN_CACHE_DIR (else a temp
+    folder), so without network it needs a copy of them there: ValueError with one line saying so."""
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network: requests' HTTPSConnectionPool(...) message, many lines of it
+        raise ValueError(f"tiktoken could not load its GPT-2 vocabulary ({type(e).__name__}); set TIKTOKEN_CACHE_DIR "
+                         f"to a folder holding a copy of its files (see the README: running without the hub)") from None
 
 
 def _local_files(source):
