@@ -311,7 +311,7 @@ def main(argv=None):
                     raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
             res = geometry(args.run_a, args.run_b, args.alive_from, args.match_cap, args.chunk, args.n_boot,
                            alive_tokens=args.alive_tokens, model_name=args.model, dataset=args.dataset, ctx=args.ctx,
-                           data_dir=args.data_dir)[0]
+                           data_dir=args.data_dir, progress="analysis.py:")[0]
             if args.out:
                 plot_geometry(res, args.out)
             res["out"] = args.out

@@ -40,11 +40,15 @@ The CLI's --json prints that dict, one line, with these keys changed or added:
     held_out             true: every row is known to lie outside the SAE's training data; false: some do
                          not; null: unknown (an SAE trained elsewhere)
     source, format ("run", "apollo", "saelens"), model, dataset, ctx, center, loss
+The CLI reports progress on stderr, at each tenth of the batches and at least every 30 s, e.g.
+    eval.py: alive 120/500 batches | 12s | eta 38s        eta = elapsed · (total − done) / done
+evaluate() and count_firing() are silent unless given progress= (train.py calls evaluate without it).
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -74,16 +78,37 @@ class _Moments:
         return 1.0 - self.err / total if total > 0 else float("nan")
 
 
+def progress_printer(label, total, every_s=30.0):
+    """A progress callable for evaluate / count_firing: progress(done) after each of total batches prints
+    `label done/total batches | 12s | eta 38s` to stderr when done crosses another tenth of total, when every_s
+    seconds have passed since the last line, and at the end."""
+    t0 = last = time.time()
+
+    def secs(t):
+        t = round(t)
+        return f"{t}s" if t < 60 else f"{t // 60}m{t % 60:02d}s" if t < 3600 else f"{t // 3600}h{t % 3600 // 60:02d}m"
+
+    def progress(done):
+        nonlocal last
+        now = time.time()
+        if done == total or done * 10 // total > (done - 1) * 10 // total or now - last >= every_s:
+            last, elapsed = now, now - t0
+            print(f"{label} {done}/{total} batches | {secs(elapsed)} | eta {secs(elapsed * (total - done) / done)}",
+                  file=sys.stderr, flush=True)
+    return progress
+
+
 @torch.no_grad()
-def evaluate(model, sae, layer, batches, return_counts=False):
+def evaluate(model, sae, layer, batches, return_counts=False, progress=None):
     """One dict of metrics (see the module docstring) over the token batches (B, T). Runs under whatever
-    autocast the caller set. With return_counts, also the per-feature firing counts (n_dict,)."""
+    autocast the caller set. With return_counts, also the per-feature firing counts (n_dict,). progress:
+    None, or a callable given the number of batches done after each one (progress_printer)."""
     counts, n_tok, l0_sum = None, 0, 0.0
     sums = dict(kl=0.0, ce=0.0, ce_clean=0.0, n_kl=0, n_ce=0)
     sites = None  # one _Moments per site: L, L+1 .. n_layer-1, final
     ratio0 = ratio_rest = 0.0
     n0 = n_rest = 0
-    for idx in batches:
+    for i, idx in enumerate(batches):
         x = model.forward_to_layer(idx, layer)                                  # (B, T, C)
         x_hat, c = sae(x)
         x_hat = x_hat.float()
@@ -104,6 +129,8 @@ def evaluate(model, sae, layer, batches, return_counts=False):
         ratio0 += ratio[:, 0].sum().item()
         ratio_rest += ratio[:, 1:].sum().item()
         n0, n_rest = n0 + ratio.size(0), n_rest + ratio[:, 1:].numel()
+        if progress:
+            progress(i + 1)
     if n_tok == 0:
         raise ValueError("evaluate got no batches")
     ce, ce_clean = sums["ce"] / sums["n_ce"], sums["ce_clean"] / sums["n_ce"]
@@ -123,13 +150,16 @@ def evaluate(model, sae, layer, batches, return_counts=False):
 
 
 @torch.no_grad()
-def count_firing(model, sae, layer, batches):
-    """(counts (n_dict,) fp64, tokens): how often each feature fires, from the prefix and the encoder only."""
+def count_firing(model, sae, layer, batches, progress=None):
+    """(counts (n_dict,) fp64, tokens): how often each feature fires, from the prefix and the encoder only.
+    progress as in evaluate."""
     counts, n_tok = torch.zeros(sae.n_dict, dtype=torch.float64), 0
-    for idx in batches:
+    for i, idx in enumerate(batches):
         c = sae.encode(model.forward_to_layer(idx, layer))                    # (B, T, n_dict)
         counts += (c > 0).reshape(-1, c.size(-1)).sum(0, dtype=torch.float64).cpu()
         n_tok += idx.numel()
+        if progress:
+            progress(i + 1)
     return counts, n_tok
 
 
@@ -202,14 +232,18 @@ def prepare(source, model_name=None, dataset=None, ctx=None, eval_samples=None, 
                 notes=notes, info=info)
 
 
-def firing(source, batch_size=8, device="cpu", **kw):
+def firing(source, batch_size=8, device="cpu", progress=None, **kw):
     """(prepare() dict, counts (n_dict,) fp64, tokens): how often each feature fires over the eval and extra
-    rows, from the encoder alone (analysis.py --alive_from eval)."""
+    rows, from the encoder alone (analysis.py --alive_from eval). progress: None, or the start of the
+    progress lines on stderr (e.g. "analysis.py:")."""
     from data import eval_batches
     p = prepare(source, device=device, **kw)
-    args = (p["model"], p["sae"], p["cfg"]["layer"])
-    (c1, t1), (c2, t2) = (count_firing(*args, eval_batches(p[k], batch_size, device)) for k in ("eval_rows", "extra_rows"))
-    return p, c1 + c2, t1 + t2
+    rows = p["eval_rows"], p["extra_rows"]
+    total = sum(-(-len(r) // batch_size) for r in rows)
+    tick = progress_printer(f"{progress} alive {source}", total) if progress and total else None
+    batches = (b for r in rows for b in eval_batches(r, batch_size, device))
+    counts, tokens = count_firing(p["model"], p["sae"], p["cfg"]["layer"], batches, tick)
+    return p, counts, tokens
 
 
 def format_metrics(m):
@@ -265,8 +299,10 @@ def main(argv=None):
         print(f"eval.py: note: {note}", file=sys.stderr)
     model, sae, layer = p["model"], p["sae"], p["cfg"]["layer"]
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        m, counts = evaluate(model, sae, layer, eval_batches(p["eval_rows"], bs, device), return_counts=True)
-        extra, n_extra = count_firing(model, sae, layer, eval_batches(p["extra_rows"], bs, device))
+        m, counts = evaluate(model, sae, layer, eval_batches(p["eval_rows"], bs, device), return_counts=True,
+                             progress=progress_printer("eval.py: metrics", -(-len(p["eval_rows"]) // bs)))
+        extra, n_extra = count_firing(model, sae, layer, eval_batches(p["extra_rows"], bs, device),
+                                      progress=progress_printer("eval.py: alive", -(-len(p["extra_rows"]) // bs)))
     counts, tokens = counts.cpu() + extra, m["alive_tokens"] + n_extra
     m.update(p["info"], alive=int((counts > 0).sum()), alive_tokens=tokens)
     if args.save_firing:

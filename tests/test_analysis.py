@@ -1,6 +1,7 @@
 """analysis.py: geometry on SAEs with known answers, the bootstrap, fronts, and the plots from real tiny runs."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 
 import analysis
 from analysis import bootstrap_diff, front, matching, nearest_cos, unit_rows
-from conftest import ROOT
+from conftest import ROOT, make_text
 from interop import save_firing
 from sae import SAE, save_sae
 from test_train import tiny_args
@@ -178,3 +179,22 @@ def test_downstream_and_errors(runs, tmp_path, capsys):
             analysis.main(argv)
         msg = str(e.value.code)
         assert msg.startswith("analysis.py: error:") and "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_progress_of_evaluations_on_trained_runs(runs, tmp_path, capsys):
+    """eval.py and geometry --alive_from eval on trained run folders say on stderr how far they are."""
+    other = tmp_path / "other.txt"  # another dataset, so alive has extra rows past the run's own data
+    other.write_text(make_text(3000, seed=1))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), runs["e2e"], "--dataset", str(other),
+                        "--alive_tokens", "640", "--batch_size", "2", "--data_dir", str(tmp_path / "cache"), "--json"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["alive_tokens"] == 640  # 4 eval rows (2 batches) + 16 extra rows (8 batches) of 32
+    for pattern in (r"eval\.py: metrics 1/2 batches \| \d+s \| eta \d+s", r"eval\.py: metrics 2/2 batches \| \d+s \| eta 0s",
+                    r"eval\.py: alive 1/8 batches \| \d+s \| eta \d+s", r"eval\.py: alive 8/8 batches \| \d+s \| eta 0s"):
+        assert re.search(f"^{pattern}$", p.stderr, re.M), (pattern, p.stderr)
+    analysis.main(["geometry", runs["local"], runs["e2e"], "--alive_from", "eval", "--n_boot", "20"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["runs"]["A"]["alive_from"].startswith("eval: fired on 128 tokens")
+    for run in (runs["local"], runs["e2e"]):  # 4 eval rows in 1 batch of 8; the run's local data has no more
+        assert re.search(f"^analysis\\.py: alive {re.escape(run)} 1/1 batches \\| \\d+s \\| eta 0s$", err, re.M), err
