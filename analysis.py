@@ -332,22 +332,32 @@ def plot_geometry(res, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The paper's figures and numbers from run folders.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description="The paper's figures and numbers from run folders.", formatter_class=fmt)
     parser.error = lambda msg: sys.exit(f"analysis.py: error: {msg}")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("geometry", help="nearest-feature cosines within one SAE, or within and across two")
-    g.add_argument("run_a"), g.add_argument("run_b", nargs="?")
-    g.add_argument("--alive_from", default="saved", choices=["saved", "eval", "all"])
-    g.add_argument("--alive_tokens", type=int, default=500_000, help="with --alive_from eval")
-    for name, t in (("model", str), ("dataset", str), ("ctx", int), ("data_dir", str)):
-        g.add_argument(f"--{name}", type=t, default=None, help="with --alive_from eval (default: the source's)")
+    g = sub.add_parser("geometry", help="nearest-feature cosines within one SAE, or within and across two", formatter_class=fmt)
+    g.add_argument("run_a", help="SAE A: a run folder, a SAELens folder or an Apollo .pt")
+    g.add_argument("run_b", nargs="?", help="SAE B, the same kinds; with it: A→B, B→A, the one-to-one matching and "
+                   "within A − within B with its CI; without it: within A only")
+    g.add_argument("--alive_from", default="saved", choices=["saved", "eval", "all"],
+                   help="which features count as alive: saved = those that fired in the source's saved frequencies "
+                   "(firing.safetensors, or a SAELens sparsity.safetensors), all features when it has none; eval = "
+                   "count firing now over --alive_tokens tokens, as eval.py does; all = every feature")
+    g.add_argument("--alive_tokens", type=int, default=500_000, help="with --alive_from eval: count over this many tokens")
+    for name, what in (("model", "hub id or save_pretrained folder"), ("dataset", "token source"),
+                       ("ctx", "tokens per row"), ("data_dir", "token cache folder")):
+        g.add_argument(f"--{name}", type=int if name == "ctx" else str, default=None,
+                       help=f"with --alive_from eval: {what}; if unset, the source's")
     g.add_argument("--match_cap", type=int, default=4096, help="features a side in the one-to-one matching")
     g.add_argument("--chunk", type=int, default=1024, help="rows per block of similarities")
-    g.add_argument("--n_boot", type=int, default=1000)
-    g.add_argument("--out", default=None, help="PNG of the histograms")
+    g.add_argument("--n_boot", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% CI of within A − within B")
+    g.add_argument("--out", default=None, help="write a PNG of the histograms here")
     for name in ("pareto", "downstream"):
-        p = sub.add_parser(name, help="Fig. 1" if name == "pareto" else "Fig. 2")
-        p.add_argument("runs", nargs="+"), p.add_argument("--out", default=None, help="PNG path")
+        p = sub.add_parser(name, help="Fig. 1" if name == "pareto" else "Fig. 2", formatter_class=fmt)
+        p.add_argument("runs", nargs="+", help="run folders, each with sae.json and eval.jsonl")
+        p.add_argument("--out", default=None, help="write the plot to this PNG")
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print every number as one JSON object, not a table")
         p.error = parser.error

@@ -261,22 +261,24 @@ def format_metrics(m):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate an SAE (run folder, Apollo .pt or SAELens folder) "
-                                     "spliced into its GPT-2.")
+                                     "spliced into its GPT-2.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("source", help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
-    # model and data (default: the source's own record, else gpt2 / Apollo's OpenWebText / 1024)
-    parser.add_argument("--model", default=None, help="hub id or local save_pretrained folder")
-    parser.add_argument("--dataset", default=None, help="token source: hub dataset or local file / folder")
-    parser.add_argument("--ctx", type=int, default=None, help="tokens per row")
-    parser.add_argument("--data_dir", default=None, help="token cache folder")
+    # model and data (unset: the source's own record, else gpt2 / Apollo's OpenWebText / 1024)
+    parser.add_argument("--model", default=None,
+                        help="hub id or local save_pretrained folder; if unset, the source's model, else gpt2")
+    parser.add_argument("--dataset", default=None, help="token source: hub dataset or local file / folder; if unset, "
+                        "the source's dataset, else Apollo's pre-tokenised OpenWebText")
+    parser.add_argument("--ctx", type=int, default=None, help="tokens per row; if unset, the source's ctx, else 1024")
+    parser.add_argument("--data_dir", default=None, help="token cache folder; if unset, the run's, else ~/.cache/nanosae")
     # evaluation
-    parser.add_argument("--eval_samples", type=int, default=None, help="eval rows (default: the run's, else 500)")
+    parser.add_argument("--eval_samples", type=int, default=None, help="eval rows; if unset, the run's, else 500")
     parser.add_argument("--alive_tokens", type=int, default=500_000, help="count alive over at least this many tokens")
-    parser.add_argument("--batch_size", type=int, default=None, help="rows per batch (default: the run's, else 8)")
+    parser.add_argument("--batch_size", type=int, default=None, help="rows per batch; if unset, the run's, else 8")
     parser.add_argument("--save_firing", action="store_true", help="write firing.safetensors into the run folder")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
     parser.error = lambda msg: sys.exit(f"eval.py: error: {msg}")
     args = parser.parse_args(argv)
     from data import eval_batches

@@ -242,21 +242,27 @@ def pull(repo, out_dir, path_in_repo=None):
 
 
 def main(argv=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description="Convert SAEs between this project's run folders, Apollo's "
-                                     "release and SAELens, and move them to / from the Hugging Face hub.")
+                                     "release and SAELens, and move them to / from the Hugging Face hub.", formatter_class=fmt)
     parser.error = lambda msg: sys.exit(f"interop.py: error: {msg}")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("import-apollo", help="an Apollo .pt (+ .yaml) -> a run folder")
-    p.add_argument("src"), p.add_argument("out_dir")
-    p = sub.add_parser("import-saelens", help="a SAELens folder -> a run folder")
-    p.add_argument("src"), p.add_argument("out_dir")
-    p = sub.add_parser("export-saelens", help="a run folder (or any source) -> a SAELens folder")
-    p.add_argument("src"), p.add_argument("out_dir")
-    p = sub.add_parser("push", help="upload a folder to a hub model repo")
-    p.add_argument("folder"), p.add_argument("repo")
-    p.add_argument("--path_in_repo", default=None), p.add_argument("--private", action="store_true")
-    p = sub.add_parser("pull", help="download a hub repo (or one folder of it)")
-    p.add_argument("repo"), p.add_argument("out_dir"), p.add_argument("--path_in_repo", default=None)
+    for cmd, what, src, out in (("import-apollo", "an Apollo .pt (+ .yaml) -> a run folder",
+                                 "an Apollo .pt (its .yaml beside it is read too)", "the run folder to write"),
+                                ("import-saelens", "a SAELens folder -> a run folder",
+                                 "a SAELens folder (cfg.json + sae_weights.safetensors)", "the run folder to write"),
+                                ("export-saelens", "a run folder (or any source) -> a SAELens folder",
+                                 "a run folder, a SAELens folder or an Apollo .pt", "the SAELens folder to write")):
+        p = sub.add_parser(cmd, help=what, formatter_class=fmt)
+        p.add_argument("src", help=src), p.add_argument("out_dir", help=out)
+    p = sub.add_parser("push", help="upload a folder to a hub model repo", formatter_class=fmt)
+    p.add_argument("folder", help="the folder to upload (ckpt.pt and temp files are left out)")
+    p.add_argument("repo", help="hub model repo, USER/NAME (created if missing)")
+    p.add_argument("--path_in_repo", default=None, help="put the files in this folder of the repo; if unset, its root")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p = sub.add_parser("pull", help="download a hub repo (or one folder of it)", formatter_class=fmt)
+    p.add_argument("repo", help="hub model repo, USER/NAME"), p.add_argument("out_dir", help="where to download it")
+    p.add_argument("--path_in_repo", default=None, help="download only this folder of the repo; if unset, all of it")
     for p in sub.choices.values():
         p.error = parser.error
     args = parser.parse_args(argv)
