@@ -1,6 +1,7 @@
 """Without the hub or network: the model and tokenizer errors say what failed and name the fix. The hub and
 tiktoken downloads are replaced by functions that raise what they raise offline; nothing here touches the network."""
 import importlib
+import os
 
 import huggingface_hub
 import pytest
@@ -95,6 +96,7 @@ def test_tiktoken_without_network_names_tiktoken_cache_dir(monkeypatch, tmp_path
     text.write_text("some text " * 100)
     with pytest.raises(ValueError, match="TIKTOKEN_CACHE_DIR"):
         data.load_rows(str(text), 16, cache_dir=str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []  # no temp file of the half-made token cache left behind
 
 
 def test_eval_cli_reports_the_tokenizer_error_in_one_line(monkeypatch, tmp_path, tiny_model_dir, text_file):
