@@ -22,7 +22,8 @@ SAELens  a folder: cfg.json + sae_weights.safetensors, architecture `standard`, 
          sparsity.safetensors: `sparsity` = log10(freq + 1e-10), SAELens's convention (dead features: -10).
          The centring is metadata.model_from_pretrained_kwargs.center_writing_weights (default true).
 A SAELens SAE with W_dec rows of norm n ≠ 1 imports exactly by folding n into the encoder
-(ReLU(z) n = ReLU(z n) for n > 0); apply_b_dec_to_input true folds into b_e = b_enc − W_encᵀ b_dec.
+(ReLU(z) n = ReLU(z n) for n > 0), as SAELens's fold_W_dec_norm=True: the same x_hat, the feature
+activations scaled by n; apply_b_dec_to_input true folds into b_e = b_enc − W_encᵀ b_dec.
 """
 import argparse
 import json
