@@ -6,8 +6,9 @@ The paper's figures and numbers from run folders (or any source eval.py reads: A
     python analysis.py pareto out/*_L6 --out pareto.png                      # Fig. 1: L0 and alive vs CE increase
     python analysis.py pareto out/sweep_local-e2e-e2e_ds_L6 --out pareto.png # a sweep folder: each of its SAEs
     python analysis.py downstream out/*_L6 --out downstream.png              # Fig. 2: MSE at every later layer
-Every command prints its numbers as one JSON object on stdout. pareto and downstream read the last line of
-each run's eval.jsonl (its final eval); `python eval.py SRC --json >> SRC/eval.jsonl` makes one for any SAE.
+Every command prints a short table of the numbers the paper reports; --json prints all of them as one JSON
+object instead. pareto and downstream read the last line of each run's eval.jsonl (its final eval);
+`python eval.py SRC --json >> SRC/eval.jsonl` makes one for any SAE.
 
 Geometry (paper §3.3) on the unit directions u_i of the alive features: the decoder columns D (as the paper)
 and the encoder rows W_e / ‖W_e‖_row (which the paper did not study).
@@ -269,6 +270,54 @@ def downstream(paths, out=None):
     return dict(runs=rows, out=out)
 
 
+def table(rows):
+    """Rows of cells (strings) as aligned text: the first column left-aligned, the others right-aligned."""
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[0]) for i, c in enumerate(r)).rstrip() for r in rows)
+
+
+def format_geometry(res):
+    """The geometry numbers of the paper (§3.3) as a table: decoder and encoder directions side by side."""
+    runs, dec = res["runs"], res["decoder"]
+    lines = [f"{k}  {r['path']}: {r['loss']}, layer {r['layer']}, {r['alive']}/{r['n_dict']} alive ({r['alive_from']})"
+             for k, r in runs.items()]
+    rows = [["mean cosine to the nearest feature", "decoder", "encoder"]]
+    rows += [[f"within {k} (nearest other feature of {k})"] + [f"{res[kind]['within'][k]['mean']:.4f}"
+                                                           for kind in ("decoder", "encoder")] for k in runs]
+    if "cross" in dec:
+        m = dec["cross"]["matching"]
+        for key, label in (("A_to_B", "A→B (each A feature's nearest in B)"), ("B_to_A", "B→A (each B feature's nearest in A)"),
+                           ("matching", f"one-to-one matching ({'exact' if m['exact'] else 'subset'}, {m['pairs']} pairs)")):
+            rows.append([label] + [f"{res[kind]['cross'][key]['mean']:.4f}" for kind in ("decoder", "encoder")])
+        diff = [res[kind]["within_diff_A_minus_B"] for kind in ("decoder", "encoder")]
+        rows.append(["within A − within B"] + [f"{d['diff']:+.4f}" for d in diff])
+        rows.append([f"  95% CI ({diff[0]['n_boot']} bootstrap resamples)"] + [f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+                                                                               for d in diff])
+    return "\n".join(lines + [table(rows)] + ([f"plot: {res['out']}"] if res.get("out") else []))
+
+
+def format_pareto(res):
+    """One row per run: its final eval's L0, alive, CE increase, and which fronts of its loss kind it is on."""
+    rows = [["run", "loss", "layer", "l0", "alive", "ce_increase", "front"]]
+    for q in res["points"]:
+        s = res["series"][q["loss"]]
+        on = [k for k in ("l0", "alive") if q["run"] in s[f"front_{k}"]]
+        rows.append([q["run"], q["loss"], str(q["layer"]), f"{q['l0']:.2f}", str(q["alive"]), f"{q['ce_increase']:.4f}",
+                     ", ".join(on) or "-"])
+    return "\n".join([table(rows), "front: non-dominated within its loss kind (l0: lower L0 and lower CE increase; "
+                      "alive: more alive and lower CE increase)"] + ([f"plot: {res['out']}"] if res["out"] else []))
+
+
+def format_downstream(res):
+    """One row per run: MSE (spliced vs clean residual) at its layer L, every later layer and the final residual."""
+    layers = sorted({k for r in res["runs"] for k in r["layers"]}, key=lambda k: (k == "final", int(k) if k.isdigit() else 0))
+    rows = [["MSE at layer", *layers]]
+    for r in res["runs"]:
+        mse = dict(zip(r["layers"], r["mse"]))
+        rows.append([f"{r['run']} ({r['loss']})"] + [f"{mse[k]:.4g}" if k in mse else "" for k in layers])
+    return "\n".join([table(rows)] + ([f"plot: {res['out']}"] if res["out"] else []))
+
+
 def plot_geometry(res, out):
     """Histograms of the nearest-other-feature cosines (Fig. 3), decoder and encoder directions."""
     plt = _plt()
@@ -295,23 +344,34 @@ def plot_geometry(res, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The paper's figures and numbers from run folders.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description="The paper's figures and numbers from run folders.", formatter_class=fmt)
     parser.error = lambda msg: sys.exit(f"analysis.py: error: {msg}")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("geometry", help="nearest-feature cosines within one SAE, or within and across two")
-    g.add_argument("run_a"), g.add_argument("run_b", nargs="?")
-    g.add_argument("--alive_from", default="saved", choices=["saved", "eval", "all"])
-    g.add_argument("--alive_tokens", type=int, default=500_000, help="with --alive_from eval")
-    for name, t in (("model", str), ("dataset", str), ("ctx", int), ("data_dir", str)):
-        g.add_argument(f"--{name}", type=t, default=None, help="with --alive_from eval (default: the source's)")
+    g = sub.add_parser("geometry", help="nearest-feature cosines within one SAE, or within and across two", formatter_class=fmt)
+    g.add_argument("run_a", help="SAE A: a run folder, a SAELens folder or an Apollo .pt")
+    g.add_argument("run_b", nargs="?", help="SAE B, the same kinds; with it: A→B, B→A, the one-to-one matching and "
+                   "within A − within B with its CI; without it: within A only")
+    g.add_argument("--alive_from", default="saved", choices=["saved", "eval", "all"],
+                   help="which features count as alive: saved = those that fired in the source's saved frequencies "
+                   "(firing.safetensors, or a SAELens sparsity.safetensors), all features when it has none; eval = "
+                   "count firing now over --alive_tokens tokens, as eval.py does; all = every feature")
+    g.add_argument("--alive_tokens", type=int, default=500_000, help="with --alive_from eval: count over this many tokens")
+    for name, what in (("model", "hub id or save_pretrained folder"), ("dataset", "token source"),
+                       ("ctx", "tokens per row"), ("data_dir", "token cache folder")):
+        g.add_argument(f"--{name}", type=int if name == "ctx" else str, default=None,
+                       help=f"with --alive_from eval: {what}; if unset, the source's")
     g.add_argument("--match_cap", type=int, default=4096, help="features a side in the one-to-one matching")
     g.add_argument("--chunk", type=int, default=1024, help="rows per block of similarities")
-    g.add_argument("--n_boot", type=int, default=1000)
-    g.add_argument("--out", default=None, help="PNG of the histograms")
+    g.add_argument("--n_boot", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% CI of within A − within B")
+    g.add_argument("--out", default=None, help="write a PNG of the histograms here")
     for name in ("pareto", "downstream"):
-        p = sub.add_parser(name, help="Fig. 1" if name == "pareto" else "Fig. 2")
-        p.add_argument("runs", nargs="+"), p.add_argument("--out", default=None, help="PNG path")
+        p = sub.add_parser(name, help="Fig. 1" if name == "pareto" else "Fig. 2", formatter_class=fmt)
+        p.add_argument("runs", nargs="+", help="run folders, each with sae.json and eval.jsonl")
+        p.add_argument("--out", default=None, help="write the plot to this PNG")
     for p in sub.choices.values():
+        p.add_argument("--json", action="store_true", help="print every number as one JSON object, not a table")
         p.error = parser.error
     args = parser.parse_args(argv)
     try:
@@ -323,7 +383,7 @@ def main(argv=None):
                     raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
             res = geometry(args.run_a, args.run_b, args.alive_from, args.match_cap, args.chunk, args.n_boot,
                            alive_tokens=args.alive_tokens, model_name=args.model, dataset=args.dataset, ctx=args.ctx,
-                           data_dir=args.data_dir)[0]
+                           data_dir=args.data_dir, progress="analysis.py:")[0]
             if args.out:
                 plot_geometry(res, args.out)
             res["out"] = args.out
@@ -331,7 +391,8 @@ def main(argv=None):
             res = (pareto if args.cmd == "pareto" else downstream)(args.runs, args.out)
     except (ValueError, OSError) as e:
         sys.exit(f"analysis.py: error: {e}")
-    print(json.dumps(res))
+    fmt = dict(geometry=format_geometry, pareto=format_pareto, downstream=format_downstream)[args.cmd]
+    print(json.dumps(res) if args.json else fmt(res))
 
 
 if __name__ == "__main__":

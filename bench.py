@@ -29,25 +29,25 @@ import time
 
 import torch
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-# model shape
-parser.add_argument("--n_layer", type=int, default=12)
-parser.add_argument("--n_head", type=int, default=12)
-parser.add_argument("--n_embd", type=int, default=768)
-parser.add_argument("--vocab_size", type=int, default=50257)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# model shape (a random GPT-2; the defaults are GPT-2 small's)
+parser.add_argument("--n_layer", type=int, default=12, help="blocks")
+parser.add_argument("--n_head", type=int, default=12, help="attention heads")
+parser.add_argument("--n_embd", type=int, default=768, help="d_model")
+parser.add_argument("--vocab_size", type=int, default=50257, help="vocabulary (the unembedding the KL runs over)")
 # step
-parser.add_argument("--ctx", type=int, default=128)
-parser.add_argument("--batch_size", type=int, default=4)
-parser.add_argument("--layer", type=int, default=6)
-parser.add_argument("--dict_ratio", type=float, default=8.0)
-parser.add_argument("--loss", default="all", choices=["local", "e2e", "e2e_ds", "all"])
-parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per fused-KL chunk (default: losses.KL_CHUNK for the device)")
+parser.add_argument("--ctx", type=int, default=128, help="tokens per sample")
+parser.add_argument("--batch_size", type=int, default=4, help="samples per step")
+parser.add_argument("--layer", type=int, default=6, help="SAE on the residual stream entering this block")
+parser.add_argument("--dict_ratio", type=float, default=8.0, help="n_dict = dict_ratio * n_embd")
+parser.add_argument("--loss", default="all", choices=["local", "e2e", "e2e_ds", "all"], help="the loss to time; all: each")
+parser.add_argument("--kl_chunk", type=int, default=None,
+                    help="tokens per fused-KL chunk; if unset, losses.KL_CHUNK for the device (64 CPU, 512 CUDA)")
 # measurement
 parser.add_argument("--steps", type=int, default=5, help="timed steps")
 parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
 parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
 parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
 parser.add_argument("--naive", action="store_true", help="also run the reference's way, side by side")
 parser.add_argument("--n_sae", type=int, default=1, help="also time one sweep step of this many SAEs (K > 1)")

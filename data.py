@@ -26,8 +26,14 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nanosae")
 
 
 def _tokenizer():
+    """tiktoken's GPT-2 encoding; it downloads two vocabulary files once into TIKTOKEN_CACHE_DIR (else a temp
+    folder), so without network it needs a copy of them there: ValueError with one line saying so."""
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network: requests' HTTPSConnectionPool(...) message, many lines of it
+        raise ValueError(f"tiktoken could not load its GPT-2 vocabulary ({type(e).__name__}); set TIKTOKEN_CACHE_DIR "
+                         f"to a folder holding a copy of its files (see the README: running without the hub)") from None
 
 
 def _local_files(source):
@@ -106,21 +112,25 @@ def load_rows(source, ctx, n_rows=None, cache_dir=DEFAULT_CACHE):
             rows = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["rows"], ctx))
             return rows if local or n_rows is None else rows[:n_rows]  # the same rows, however far it was streamed
     rows, complete, buf, tmp = 0, True, [], bin_path + f".tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for tokens in _documents(records, source):
-            buf.extend(tokens)
-            if len(buf) >= ctx:
-                n = len(buf) // ctx
-                if n_rows is not None and not local:
-                    n = min(n, n_rows - rows)
-                arr = np.asarray(buf[:n * ctx], dtype=np.int64)
-                if arr.size and arr.max() >= 2 ** 16:
-                    raise ValueError(f"dataset {source!r} has token id {arr.max()}, above what uint16 holds")
-                f.write(arr.astype(np.uint16).tobytes())
-                rows, buf = rows + n, buf[n * ctx:]
-            if n_rows is not None and not local and rows >= n_rows:
-                complete = False
-                break
+    try:  # a failure midway (no tokenizer, a bad token id) leaves no temp file in the cache
+        with open(tmp, "wb") as f:
+            for tokens in _documents(records, source):
+                buf.extend(tokens)
+                if len(buf) >= ctx:
+                    n = len(buf) // ctx
+                    if n_rows is not None and not local:
+                        n = min(n, n_rows - rows)
+                    arr = np.asarray(buf[:n * ctx], dtype=np.int64)
+                    if arr.size and arr.max() >= 2 ** 16:
+                        raise ValueError(f"dataset {source!r} has token id {arr.max()}, above what uint16 holds")
+                    f.write(arr.astype(np.uint16).tobytes())
+                    rows, buf = rows + n, buf[n * ctx:]
+                if n_rows is not None and not local and rows >= n_rows:
+                    complete = False
+                    break
+    except BaseException:
+        os.remove(tmp)
+        raise
     if rows == 0:
         os.remove(tmp)
         raise ValueError(f"dataset {source!r} holds fewer than ctx = {ctx} tokens")

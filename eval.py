@@ -40,11 +40,15 @@ The CLI's --json prints that dict, one line, with these keys changed or added:
     held_out             true: every row is known to lie outside the SAE's training data; false: some do
                          not; null: unknown (an SAE trained elsewhere)
     source, format ("run", "apollo", "saelens"), model, dataset, ctx, center, loss
+The CLI reports progress on stderr, at each tenth of the batches and at least every 30 s, e.g.
+    eval.py: alive 120/500 batches | 12s | eta 38s        eta = elapsed · (total − done) / done
+evaluate() and count_firing() are silent unless given progress= (train.py calls evaluate without it).
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -72,6 +76,26 @@ class _Moments:
         n_tok = self.n / self.sx.numel()
         total = self.sxx - (self.sx.pow(2).sum().item() / n_tok)  # sum (x - mean x)^2
         return 1.0 - self.err / total if total > 0 else float("nan")
+
+
+def progress_printer(label, total, every_s=30.0):
+    """A progress callable for evaluate / count_firing: progress(done) after each of total batches prints
+    `label done/total batches | 12s | eta 38s` to stderr when done crosses another tenth of total, when every_s
+    seconds have passed since the last line, and at the end."""
+    t0 = last = time.time()
+
+    def secs(t):
+        t = round(t)
+        return f"{t}s" if t < 60 else f"{t // 60}m{t % 60:02d}s" if t < 3600 else f"{t // 3600}h{t % 3600 // 60:02d}m"
+
+    def progress(done):
+        nonlocal last
+        now = time.time()
+        if done == total or done * 10 // total > (done - 1) * 10 // total or now - last >= every_s:
+            last, elapsed = now, now - t0
+            print(f"{label} {done}/{total} batches | {secs(elapsed)} | eta {secs(elapsed * (total - done) / done)}",
+                  file=sys.stderr, flush=True)
+    return progress
 
 
 class _Sums:
@@ -120,13 +144,13 @@ class _Sums:
 
 
 @torch.no_grad()
-def evaluate_many(model, saes, batches, return_counts=False):
+def evaluate_many(model, saes, batches, return_counts=False, progress=None):
     """evaluate() for several SAEs [(sae, layer), ...] on the same batches: the clean pass runs once per
     batch, from the shallowest layer, and every SAE reads its layer's residual from it. A list of what
     evaluate() returns, one per SAE, each equal to evaluating that SAE alone."""
     lo, n_layer = min(layer for _, layer in saes), model.config.n_layer
     sums = [_Sums(n_layer - layer + 1) for _, layer in saes]
-    for idx in batches:
+    for i, idx in enumerate(batches):
         x = model.forward_to_layer(idx, lo)                                    # (B, T, C)
         _, after = model.forward_from_layer(x, lo, logits=False)
         resid = [None] * lo + [x] + after                                      # resid[l] enters block l; [n_layer]: final
@@ -135,24 +159,30 @@ def evaluate_many(model, saes, batches, return_counts=False):
             x_hat = x_hat.float()
             _, spliced = model.forward_from_layer(x_hat, layer, logits=False)
             acc.add(model, idx, resid[layer], x_hat, c, resid[layer + 1:], spliced)
+        if progress:
+            progress(i + 1)
     out = [acc.metrics(layer) for (_, layer), acc in zip(saes, sums)]
     return [(m, acc.counts) for m, acc in zip(out, sums)] if return_counts else out
 
 
-def evaluate(model, sae, layer, batches, return_counts=False):
+def evaluate(model, sae, layer, batches, return_counts=False, progress=None):
     """One dict of metrics (see the module docstring) over the token batches (B, T). Runs under whatever
-    autocast the caller set. With return_counts, also the per-feature firing counts (n_dict,)."""
-    return evaluate_many(model, [(sae, layer)], batches, return_counts)[0]
+    autocast the caller set. With return_counts, also the per-feature firing counts (n_dict,). progress:
+    None, or a callable given the number of batches done after each one (progress_printer)."""
+    return evaluate_many(model, [(sae, layer)], batches, return_counts, progress)[0]
 
 
 @torch.no_grad()
-def count_firing(model, sae, layer, batches):
-    """(counts (n_dict,) fp64, tokens): how often each feature fires, from the prefix and the encoder only."""
+def count_firing(model, sae, layer, batches, progress=None):
+    """(counts (n_dict,) fp64, tokens): how often each feature fires, from the prefix and the encoder only.
+    progress as in evaluate."""
     counts, n_tok = torch.zeros(sae.n_dict, dtype=torch.float64), 0
-    for idx in batches:
+    for i, idx in enumerate(batches):
         c = sae.encode(model.forward_to_layer(idx, layer))                    # (B, T, n_dict)
         counts += (c > 0).reshape(-1, c.size(-1)).sum(0, dtype=torch.float64).cpu()
         n_tok += idx.numel()
+        if progress:
+            progress(i + 1)
     return counts, n_tok
 
 
@@ -225,14 +255,18 @@ def prepare(source, model_name=None, dataset=None, ctx=None, eval_samples=None, 
                 notes=notes, info=info)
 
 
-def firing(source, batch_size=8, device="cpu", **kw):
+def firing(source, batch_size=8, device="cpu", progress=None, **kw):
     """(prepare() dict, counts (n_dict,) fp64, tokens): how often each feature fires over the eval and extra
-    rows, from the encoder alone (analysis.py --alive_from eval)."""
+    rows, from the encoder alone (analysis.py --alive_from eval). progress: None, or the start of the
+    progress lines on stderr (e.g. "analysis.py:")."""
     from data import eval_batches
     p = prepare(source, device=device, **kw)
-    args = (p["model"], p["sae"], p["cfg"]["layer"])
-    (c1, t1), (c2, t2) = (count_firing(*args, eval_batches(p[k], batch_size, device)) for k in ("eval_rows", "extra_rows"))
-    return p, c1 + c2, t1 + t2
+    rows = p["eval_rows"], p["extra_rows"]
+    total = sum(-(-len(r) // batch_size) for r in rows)
+    tick = progress_printer(f"{progress} alive {source}", total) if progress and total else None
+    batches = (b for r in rows for b in eval_batches(r, batch_size, device))
+    counts, tokens = count_firing(p["model"], p["sae"], p["cfg"]["layer"], batches, tick)
+    return p, counts, tokens
 
 
 def format_metrics(m):
@@ -250,22 +284,24 @@ def format_metrics(m):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate an SAE (run folder, Apollo .pt or SAELens folder) "
-                                     "spliced into its GPT-2.")
+                                     "spliced into its GPT-2.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("source", help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
-    # model and data (default: the source's own record, else gpt2 / Apollo's OpenWebText / 1024)
-    parser.add_argument("--model", default=None, help="hub id or local save_pretrained folder")
-    parser.add_argument("--dataset", default=None, help="token source: hub dataset or local file / folder")
-    parser.add_argument("--ctx", type=int, default=None, help="tokens per row")
-    parser.add_argument("--data_dir", default=None, help="token cache folder")
+    # model and data (unset: the source's own record, else gpt2 / Apollo's OpenWebText / 1024)
+    parser.add_argument("--model", default=None,
+                        help="hub id or local save_pretrained folder; if unset, the source's model, else gpt2")
+    parser.add_argument("--dataset", default=None, help="token source: hub dataset or local file / folder; if unset, "
+                        "the source's dataset, else Apollo's pre-tokenised OpenWebText")
+    parser.add_argument("--ctx", type=int, default=None, help="tokens per row; if unset, the source's ctx, else 1024")
+    parser.add_argument("--data_dir", default=None, help="token cache folder; if unset, the run's, else ~/.cache/nanosae")
     # evaluation
-    parser.add_argument("--eval_samples", type=int, default=None, help="eval rows (default: the run's, else 500)")
+    parser.add_argument("--eval_samples", type=int, default=None, help="eval rows; if unset, the run's, else 500")
     parser.add_argument("--alive_tokens", type=int, default=500_000, help="count alive over at least this many tokens")
-    parser.add_argument("--batch_size", type=int, default=None, help="rows per batch (default: the run's, else 8)")
+    parser.add_argument("--batch_size", type=int, default=None, help="rows per batch; if unset, the run's, else 8")
     parser.add_argument("--save_firing", action="store_true", help="write firing.safetensors into the run folder")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
     parser.error = lambda msg: sys.exit(f"eval.py: error: {msg}")
     args = parser.parse_args(argv)
     from data import eval_batches
@@ -288,8 +324,10 @@ def main(argv=None):
         print(f"eval.py: note: {note}", file=sys.stderr)
     model, sae, layer = p["model"], p["sae"], p["cfg"]["layer"]
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        m, counts = evaluate(model, sae, layer, eval_batches(p["eval_rows"], bs, device), return_counts=True)
-        extra, n_extra = count_firing(model, sae, layer, eval_batches(p["extra_rows"], bs, device))
+        m, counts = evaluate(model, sae, layer, eval_batches(p["eval_rows"], bs, device), return_counts=True,
+                             progress=progress_printer("eval.py: metrics", -(-len(p["eval_rows"]) // bs)))
+        extra, n_extra = count_firing(model, sae, layer, eval_batches(p["extra_rows"], bs, device),
+                                      progress=progress_printer("eval.py: alive", -(-len(p["extra_rows"]) // bs)))
     counts, tokens = counts.cpu() + extra, m["alive_tokens"] + n_extra
     m.update(p["info"], alive=int((counts > 0).sum()), alive_tokens=tokens)
     if args.save_firing:

@@ -22,7 +22,8 @@ SAELens  a folder: cfg.json + sae_weights.safetensors, architecture `standard`, 
          sparsity.safetensors: `sparsity` = log10(freq + 1e-10), SAELens's convention (dead features: -10).
          The centring is metadata.model_from_pretrained_kwargs.center_writing_weights (default true).
 A SAELens SAE with W_dec rows of norm n ≠ 1 imports exactly by folding n into the encoder
-(ReLU(z) n = ReLU(z n) for n > 0); apply_b_dec_to_input true folds into b_e = b_enc − W_encᵀ b_dec.
+(ReLU(z) n = ReLU(z n) for n > 0), as SAELens's fold_W_dec_norm=True: the same x_hat, the feature
+activations scaled by n; apply_b_dec_to_input true folds into b_e = b_enc − W_encᵀ b_dec.
 """
 import argparse
 import json
@@ -32,7 +33,7 @@ import sys
 
 import torch
 
-from sae import SAE, load_sae, save_sae
+from sae import SAE, load_sae, save_sae, save_tensors
 
 APOLLO_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
 TLENS_NAMES = {"gpt2-small": "gpt2"}  # TransformerLens model names that differ from ours
@@ -68,11 +69,8 @@ def _json_safe(obj):
 
 def save_firing(out_dir, freq, tokens, **meta):
     """firing.safetensors in out_dir: freq (n_dict,) fp64 and string metadata (tokens, plus meta)."""
-    from safetensors.torch import save_file
     meta = {k: str(v) for k, v in dict(meta, tokens=tokens).items()}
-    tmp = os.path.join(out_dir, "firing.safetensors.tmp")
-    save_file({"freq": freq.detach().double().cpu().contiguous()}, tmp, metadata=meta)
-    os.replace(tmp, os.path.join(out_dir, "firing.safetensors"))
+    save_tensors({"freq": freq.detach().double().cpu().contiguous()}, os.path.join(out_dir, "firing.safetensors"), meta)
 
 
 def load_firing(path):
@@ -141,7 +139,6 @@ def read_apollo(path):
 
 def write_saelens(sae, cfg, out_dir, firing=None):
     """cfg.json + sae_weights.safetensors (+ sparsity.safetensors when firing = dict(freq, tokens))."""
-    from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     args = {k: v for k, v in cfg.get("args", {}).items() if k not in ("out_dir", "data_dir")}  # paths of this machine
     meta = dict(sae_lens_version="6.0.0", model_name=cfg["model"], hook_name=f"blocks.{cfg['layer']}.hook_resid_pre",
@@ -153,14 +150,14 @@ def write_saelens(sae, cfg, out_dir, firing=None):
     with torch.no_grad():
         tensors = {"W_enc": sae.encoder.weight.t(), "b_enc": sae.encoder.bias,       # (d, n_dict), (n_dict,)
                    "W_dec": sae.dict_elements().t(), "b_dec": sae.decoder.bias}      # (n_dict, d), (d,)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-                  os.path.join(out_dir, "sae_weights.safetensors"))
+        save_tensors({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                     os.path.join(out_dir, "sae_weights.safetensors"))
     with open(os.path.join(out_dir, "cfg.json"), "w") as f:
         json.dump(out, f, indent=2)
     if firing is not None:
         sparsity = torch.log10(firing["freq"].double() + EPS).float()
-        save_file({"sparsity": sparsity}, os.path.join(out_dir, "sparsity.safetensors"),
-                  metadata={"tokens": str(firing.get("tokens"))})
+        save_tensors({"sparsity": sparsity}, os.path.join(out_dir, "sparsity.safetensors"),
+                     metadata={"tokens": str(firing.get("tokens"))})
 
 
 def read_saelens(path):
@@ -246,21 +243,27 @@ def pull(repo, out_dir, path_in_repo=None):
 
 
 def main(argv=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description="Convert SAEs between this project's run folders, Apollo's "
-                                     "release and SAELens, and move them to / from the Hugging Face hub.")
+                                     "release and SAELens, and move them to / from the Hugging Face hub.", formatter_class=fmt)
     parser.error = lambda msg: sys.exit(f"interop.py: error: {msg}")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("import-apollo", help="an Apollo .pt (+ .yaml) -> a run folder")
-    p.add_argument("src"), p.add_argument("out_dir")
-    p = sub.add_parser("import-saelens", help="a SAELens folder -> a run folder")
-    p.add_argument("src"), p.add_argument("out_dir")
-    p = sub.add_parser("export-saelens", help="a run folder (or any source) -> a SAELens folder")
-    p.add_argument("src"), p.add_argument("out_dir")
-    p = sub.add_parser("push", help="upload a folder to a hub model repo")
-    p.add_argument("folder"), p.add_argument("repo")
-    p.add_argument("--path_in_repo", default=None), p.add_argument("--private", action="store_true")
-    p = sub.add_parser("pull", help="download a hub repo (or one folder of it)")
-    p.add_argument("repo"), p.add_argument("out_dir"), p.add_argument("--path_in_repo", default=None)
+    for cmd, what, src, out in (("import-apollo", "an Apollo .pt (+ .yaml) -> a run folder",
+                                 "an Apollo .pt (its .yaml beside it is read too)", "the run folder to write"),
+                                ("import-saelens", "a SAELens folder -> a run folder",
+                                 "a SAELens folder (cfg.json + sae_weights.safetensors)", "the run folder to write"),
+                                ("export-saelens", "a run folder (or any source) -> a SAELens folder",
+                                 "a run folder, a SAELens folder or an Apollo .pt", "the SAELens folder to write")):
+        p = sub.add_parser(cmd, help=what, formatter_class=fmt)
+        p.add_argument("src", help=src), p.add_argument("out_dir", help=out)
+    p = sub.add_parser("push", help="upload a folder to a hub model repo", formatter_class=fmt)
+    p.add_argument("folder", help="the folder to upload (ckpt.pt and temp files are left out)")
+    p.add_argument("repo", help="hub model repo, USER/NAME (created if missing)")
+    p.add_argument("--path_in_repo", default=None, help="put the files in this folder of the repo; if unset, its root")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p = sub.add_parser("pull", help="download a hub repo (or one folder of it)", formatter_class=fmt)
+    p.add_argument("repo", help="hub model repo, USER/NAME"), p.add_argument("out_dir", help="where to download it")
+    p.add_argument("--path_in_repo", default=None, help="download only this folder of the repo; if unset, all of it")
     for p in sub.choices.values():
         p.error = parser.error
     args = parser.parse_args(argv)

@@ -223,6 +223,26 @@ def _resolve_checkpoint(name_or_path):
         except EntryNotFoundError:
             weights = hf_hub_download(repo, "pytorch_model.bin")
     except Exception as e:  # offline, unknown repo, gated repo: one line, not a traceback
-        raise ValueError(f"model {name_or_path!r} is neither a local folder nor a reachable hub repo "
-                         f"({type(e).__name__}); give e.g. 'gpt2' or a save_pretrained folder") from None
+        raise ValueError(_hub_error(name_or_path, repo, e)) from None
     return config_file, weights
+
+
+def _hub_error(name, repo, e):
+    """The one line for a failed hub download of model name (hub repo repo), naming the fix."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    why = type(e).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline or isinstance(e, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or "Connect" in why:
+        return (f"model {name!r} is neither a local folder nor a reachable hub repo: the hub cannot be reached "
+                f"({'HF_HUB_OFFLINE is set' if offline else 'offline or no network'}; {why}) and {repo!r} is not in "
+                f"the local cache; pass a local folder as --model instead, made where the hub can be reached with "
+                f"GPT2LMHeadModel.from_pretrained({name!r}).save_pretrained('gpt2-local') (see the README)")
+    if isinstance(e, GatedRepoError):
+        return f"model {name!r}: hub repo {repo!r} is gated; accept its terms on the hub and log in (hf auth login)"
+    if isinstance(e, RepositoryNotFoundError):
+        return (f"model {name!r} is not a local folder and hub repo {repo!r} was not found on the hub ({why}); "
+                f"check the name (e.g. 'gpt2', 'gpt2-medium') or log in if it is private")
+    if isinstance(e, EntryNotFoundError):
+        return f"model {name!r}: hub repo {repo!r} has no config.json or GPT-2 weights ({why})"
+    return f"model {name!r} is neither a local folder nor a reachable hub repo ({why}: {(str(e).splitlines() or [''])[0]})"

@@ -45,14 +45,23 @@ class SAE(nn.Module):
         return self.decode(c), c
 
 
+def save_tensors(tensors, path, metadata=None):
+    """A safetensors file at path, atomically (temp file, then rename), readable like any file open()
+    makes: mode 0o666 & ~umask (safetensors' own writer creates every file 0600)."""
+    from safetensors.torch import save_file
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    umask = os.umask(0)  # the only way to read the umask is to set it; put it straight back
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def save_sae(sae, out_dir, cfg):
     """Write sae.safetensors + sae.json into out_dir, each atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
-    tmp = os.path.join(out_dir, "sae.safetensors.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(out_dir, "sae.safetensors"))
+    save_tensors({k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()},
+                 os.path.join(out_dir, "sae.safetensors"))
     cfg = dict(cfg, d=sae.d, n_dict=sae.n_dict)
     tmp = os.path.join(out_dir, "sae.json.tmp")
     with open(tmp, "w") as f:

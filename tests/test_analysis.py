@@ -1,6 +1,7 @@
 """analysis.py: geometry on SAEs with known answers, the bootstrap, fronts, and the plots from real tiny runs."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 
 import analysis
 from analysis import bootstrap_diff, front, matching, nearest_cos, unit_rows
-from conftest import ROOT
+from conftest import ROOT, make_text
 from interop import save_firing
 from sae import SAE, save_sae
 from test_train import tiny_args
@@ -103,6 +104,11 @@ def test_pareto_fronts_per_kind(tmp_path):
     res = analysis.pareto([r1, r2, r3, e1])
     assert res["series"]["local"] == dict(runs=[r1, r2, r3], front_l0=[r1, r2], front_alive=[r3, r1, r2])
     assert res["series"]["e2e"]["front_l0"] == [e1] and res["points"][0]["l0"] == 10
+    rows = [line.split() for line in analysis.format_pareto(res).splitlines()]
+    assert rows[0] == ["run", "loss", "layer", "l0", "alive", "ce_increase", "front"]
+    assert rows[1:5] == [[r1, "local", "6", "10.00", "100", "0.1000", "l0,", "alive"],
+                         [r2, "local", "6", "20.00", "50", "0.0500", "l0,", "alive"],
+                         [r3, "local", "6", "30.00", "200", "0.2000", "alive"], [e1, "e2e", "6", "5.00", "10", "0.3000", "l0,", "alive"]]
 
 
 def test_geometry_on_run_folders(tmp_path):
@@ -131,6 +137,35 @@ def test_geometry_on_run_folders(tmp_path):
     assert set(res["encoder"]["cross"]) == {"A_to_B", "B_to_A", "matching"} and dirs["B"]["encoder"].shape == (35, 16)
 
 
+def test_geometry_table_and_json(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = dict(layer=1, model="gpt2", center=True)
+    save_sae(SAE(16, 40), str(tmp_path / "a"), dict(cfg, loss="local"))
+    save_sae(SAE(16, 30), str(tmp_path / "b"), dict(cfg, loss="e2e"))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    analysis.main(["geometry", a, b, "--n_boot", "50", "--match_cap", "20", "--json"])
+    res = json.loads(capsys.readouterr().out)  # --json: every number, one object
+    analysis.main(["geometry", a, b, "--n_boot", "50", "--match_cap", "20"])
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == f"A  {a}: local, layer 1, 40/40 alive (all features (no saved firing frequencies))"
+    rows = {c[0]: c[1:] for c in (re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[2:])}  # label: values
+    dec, enc = res["decoder"], res["encoder"]
+    assert rows["within A (nearest other feature of A)"] == [f"{dec['within']['A']['mean']:.4f}", f"{enc['within']['A']['mean']:.4f}"]
+    assert rows["within B (nearest other feature of B)"] == [f"{dec['within']['B']['mean']:.4f}", f"{enc['within']['B']['mean']:.4f}"]
+    assert rows["A→B (each A feature's nearest in B)"] == [f"{dec['cross']['A_to_B']['mean']:.4f}", f"{enc['cross']['A_to_B']['mean']:.4f}"]
+    assert rows["B→A (each B feature's nearest in A)"] == [f"{dec['cross']['B_to_A']['mean']:.4f}", f"{enc['cross']['B_to_A']['mean']:.4f}"]
+    assert rows["one-to-one matching (subset, 20 pairs)"] == [f"{dec['cross']['matching']['mean']:.4f}",
+                                                              f"{enc['cross']['matching']['mean']:.4f}"]
+    d, e = dec["within_diff_A_minus_B"], enc["within_diff_A_minus_B"]
+    assert rows["within A − within B"] == [f"{d['diff']:+.4f}", f"{e['diff']:+.4f}"]
+    assert rows["95% CI (50 bootstrap resamples)"] == [f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]",
+                                                       f"[{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}]"]
+    assert d["ci95"][0] < d["diff"] < d["ci95"][1] and len(set(rows)) == 8
+    analysis.main(["geometry", a])  # one SAE: its within row only
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[2].split()[-2:] == [f"{dec['within']['A']['mean']:.4f}", f"{enc['within']['A']['mean']:.4f}"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, text_file):
     """Three short runs on the tiny model, one per loss kind, trained side by side."""
@@ -149,7 +184,7 @@ def runs(tmp_path_factory, tiny_model_dir, text_file):
 
 def test_pareto_png_and_json(runs, tmp_path):
     png = str(tmp_path / "pareto.png")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "analysis.py"), "pareto", *runs.values(), "--out", png],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "analysis.py"), "pareto", *runs.values(), "--out", png, "--json"],
                        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
@@ -170,6 +205,12 @@ def test_downstream_and_errors(runs, tmp_path, capsys):
         last = json.loads(open(os.path.join(r["run"], "eval.jsonl")).read().splitlines()[-1])
         assert r["layers"] == ["1", "2", "final"]
         assert r["mse"] == [last["mse"], last["downstream_mse"][0], last["final_mse"]]
+    analysis.main(["downstream", *runs.values()])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["MSE", "at", "layer", "1", "2", "final"]
+    assert rows[1:] == [[r["run"], f"({r['loss']})", *(f"{v:.4g}" for v in r["mse"])] for r in res["runs"]]
+    analysis.main(["downstream", *runs.values(), "--json"])
+    assert json.loads(capsys.readouterr().out)["runs"] == res["runs"]
     for argv, words in ((["pareto", str(tmp_path)], ["eval.jsonl"]),
                         (["downstream", runs["local"], "--out", "x.pdf"], ["x.pdf", ".png"]),
                         (["geometry", runs["local"], "--match_cap", "0"], ["--match_cap", "> 0"]),
@@ -178,3 +219,22 @@ def test_downstream_and_errors(runs, tmp_path, capsys):
             analysis.main(argv)
         msg = str(e.value.code)
         assert msg.startswith("analysis.py: error:") and "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_progress_of_evaluations_on_trained_runs(runs, tmp_path, capsys):
+    """eval.py and geometry --alive_from eval on trained run folders say on stderr how far they are."""
+    other = tmp_path / "other.txt"  # another dataset, so alive has extra rows past the run's own data
+    other.write_text(make_text(3000, seed=1))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), runs["e2e"], "--dataset", str(other),
+                        "--alive_tokens", "640", "--batch_size", "2", "--data_dir", str(tmp_path / "cache"), "--json"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["alive_tokens"] == 640  # 4 eval rows (2 batches) + 16 extra rows (8 batches) of 32
+    for pattern in (r"eval\.py: metrics 1/2 batches \| \d+s \| eta \d+s", r"eval\.py: metrics 2/2 batches \| \d+s \| eta 0s",
+                    r"eval\.py: alive 1/8 batches \| \d+s \| eta \d+s", r"eval\.py: alive 8/8 batches \| \d+s \| eta 0s"):
+        assert re.search(f"^{pattern}$", p.stderr, re.M), (pattern, p.stderr)
+    analysis.main(["geometry", runs["local"], runs["e2e"], "--alive_from", "eval", "--n_boot", "20", "--json"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["runs"]["A"]["alive_from"].startswith("eval: fired on 128 tokens")
+    for run in (runs["local"], runs["e2e"]):  # 4 eval rows in 1 batch of 8; the run's local data has no more
+        assert re.search(f"^analysis\\.py: alive {re.escape(run)} 1/1 batches \\| \\d+s \\| eta 0s$", err, re.M), err

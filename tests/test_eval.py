@@ -1,6 +1,7 @@
 """eval.py: alive over extra held-out rows, the JSON it prints, and evaluating Apollo / SAELens sources."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,7 +59,7 @@ def test_extra_rows_other_cases(monkeypatch, tmp_path):
     assert len(extra) == 0 and held_out is True and "training pool" in notes[-1]
 
 
-def test_count_firing_matches_evaluate(tiny_model_dir):
+def test_count_firing_matches_evaluate(tiny_model_dir, capsys):
     from sae import SAE
     torch.manual_seed(0)
     model = GPT.from_pretrained(tiny_model_dir)
@@ -69,6 +70,30 @@ def test_count_firing_matches_evaluate(tiny_model_dir):
     assert torch.equal(counts.cpu(), c2) and tokens == m["alive_tokens"] == 96
     assert m["alive"] == int((c2 > 0).sum()) and m["l0"] > 0
     assert m["layer"] == 1 and m["downstream_layers"] == [2] and len(m["downstream_mse"]) == 1
+    assert capsys.readouterr().err == ""  # no progress= (as train.py calls them): silent
+    ev.evaluate(model, sae, 1, iter(idx), progress=ev.progress_printer("eval.py: metrics", 3))
+    ev.count_firing(model, sae, 1, iter(idx), progress=ev.progress_printer("eval.py: alive", 3))
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" |")[0] for line in err] == [f"eval.py: {k} {i}/3 batches" for k in ("metrics", "alive")
+                                                     for i in (1, 2, 3)]
+
+
+def test_progress_printer(monkeypatch, capsys):
+    clock = iter([100.0] + [100.0 + 2 * k for k in range(1, 51)] + [400.0])  # 2 s a batch, then a slow one
+    monkeypatch.setattr(ev.time, "time", lambda: next(clock))
+    tick = ev.progress_printer("eval.py: alive", 51)
+    for done in range(1, 52):
+        tick(done)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "eval.py: alive 6/51 batches | 12s | eta 1m30s"         # the first tenth: 12 s × 45 / 6
+    assert lines[1] == "eval.py: alive 11/51 batches | 22s | eta 1m20s"
+    assert len(lines) == 10 and lines[-1] == "eval.py: alive 51/51 batches | 5m00s | eta 0s"
+    clock = iter([0.0, 1.0, 31.0, 32.0, 62.0])
+    tick = ev.progress_printer("x", 1000)                                     # no tenth reached: every 30 s
+    for done in range(1, 5):
+        tick(done)
+    assert capsys.readouterr().err.splitlines() == ["x 2/1000 batches | 31s | eta 4h17m",
+                                                      "x 4/1000 batches | 1m02s | eta 4h17m"]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +125,10 @@ def test_eval_cli_apollo_and_saelens(sources, tiny_model_dir, text_file):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
         assert "trained elsewhere" in err  # unknown training rows are said so
+        # progress on stderr: 4 eval rows in 1 batch of 8, then 9 extra rows for alive in 2 batches
+        assert re.search(r"^eval\.py: metrics 1/1 batches \| \d+s \| eta 0s$", err, re.M), err
+        assert re.search(r"^eval\.py: alive 1/2 batches \| \d+s \| eta \d+s$", err, re.M), err
+        assert re.search(r"^eval\.py: alive 2/2 batches \| \d+s \| eta 0s$", err, re.M), err
     a, s = (json.loads(out) for out, _ in outs)
     assert (a["format"], s["format"]) == ("apollo", "saelens")
     assert a["layer"] == s["layer"] == 1 and a["center"] is s["center"] is True and a["loss"] == "e2e"
