@@ -71,13 +71,14 @@ def _clean_chunk(hc_mm, W_mm, i, j):
 @torch.no_grad()
 def clean_logprobs(h_clean, W, chunk_size=None):
     """The clean side of fused_kl_div, computed once to be shared by several SAEs spliced into the same
-    batch (train.py sweeps): a list of (log p_clean, p_clean) per chunk, 2·N·V fp32 in all. Passing it as
-    fused_kl_div(..., clean=) gives bitwise the same KL and gradient as recomputing it."""
+    batch (train.py sweeps): log p_clean per chunk, N·V fp32 in all (p_clean = its exp is redone per use:
+    one elementwise pass, against a second N·V buffer). Passing it as fused_kl_div(..., clean=) gives
+    bitwise the same KL and gradient as recomputing it: the same operations on the same values."""
     C = h_clean.size(-1)
     chunk_size = chunk_size or kl_chunk(h_clean.device)
     dt = _mm_dtype(h_clean)
     hc_mm, W_mm = h_clean.reshape(-1, C).to(dt), W.to(dt)
-    return [_clean_chunk(hc_mm, W_mm, i, min(i + chunk_size, hc_mm.size(0)))
+    return [_clean_chunk(hc_mm, W_mm, i, min(i + chunk_size, hc_mm.size(0)))[0]
             for i in range(0, hc_mm.size(0), chunk_size)]
 
 
@@ -95,7 +96,7 @@ class _FusedKL(torch.autograd.Function):
         for k, i in enumerate(range(0, N, chunk_size)):
             j = min(i + chunk_size, N)
             lp = torch.log_softmax(_logits(h_mm, W_mm, i, j), dim=-1)        # (n, V)
-            lp_clean, p_clean = _clean_chunk(hc_mm, W_mm, i, j) if clean is None else clean[k]  # (n, V) each
+            lp_clean, p_clean = _clean_chunk(hc_mm, W_mm, i, j) if clean is None else (clean[k], clean[k].exp())
             # Σ p_clean (log p_clean − log p) as one dot; in place unless the clean chunk is shared
             diff = lp_clean.sub_(lp) if clean is None else lp_clean - lp
             total += torch.dot(p_clean.view(-1), diff.view(-1))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from losses import downstream_mse, fused_kl_div, kl_div, logit_stats, mse_loss, sparsity_loss
+from losses import clean_logprobs, downstream_mse, fused_kl_div, kl_div, logit_stats, mse_loss, sparsity_loss
 
 
 def test_kl_equals_hand_sum_and_direction():
@@ -72,3 +72,20 @@ def test_sparsity_mse_downstream_formulas():
     with pytest.raises(ValueError):
         downstream_mse([], [])
     assert math.isfinite(sparsity_loss(c.bfloat16(), 3).item())
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 64])
+def test_shared_clean_side_is_bitwise_the_same(chunk):
+    """Several SAEs of a sweep share clean_logprobs: the KL and its gradient are those of recomputing it."""
+    g = torch.Generator().manual_seed(3)
+    h, hc, W = torch.randn(2, 19, 12, generator=g), torch.randn(2, 19, 12, generator=g), torch.randn(300, 12, generator=g)
+    out = []
+    for clean in (None, clean_logprobs(hc, W, chunk)):
+        x = h.clone().requires_grad_(True)
+        kl = fused_kl_div(x, hc, W, chunk, clean=clean)
+        kl.backward()
+        out.append((kl, x.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert out[0][0].item() == pytest.approx(kl_div(h @ W.T, hc @ W.T).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="chunks"):
+        fused_kl_div(h, hc, W, chunk + 1, clean=clean_logprobs(hc, W, chunk))
