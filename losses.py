@@ -126,8 +126,8 @@ def fused_kl_div(h, h_clean, W, chunk_size=None, clean=None):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     N = h.reshape(-1, C).size(0)
-    if clean is not None and len(clean) != -(-N // chunk_size):
-        raise ValueError(f"clean has {len(clean)} chunks, not the {-(-N // chunk_size)} of {N} tokens by {chunk_size}")
+    if clean is not None and [c.size(0) for c in clean] != [min(chunk_size, N - i) for i in range(0, N, chunk_size)]:
+        raise ValueError(f"clean's chunks are not those of {N} tokens by {chunk_size}")
     return _FusedKL.apply(h.reshape(-1, C), h_clean.detach().reshape(-1, C), W.detach(), chunk_size, clean)
 
 

@@ -74,7 +74,7 @@ def test_sparsity_mse_downstream_formulas():
     assert math.isfinite(sparsity_loss(c.bfloat16(), 3).item())
 
 
-@pytest.mark.parametrize("chunk", [5, 16, 64])
+@pytest.mark.parametrize("chunk", [5, 16, 37])
 def test_shared_clean_side_is_bitwise_the_same(chunk):
     """Several SAEs of a sweep share clean_logprobs: the KL and its gradient are those of recomputing it."""
     g = torch.Generator().manual_seed(3)
@@ -88,4 +88,4 @@ def test_shared_clean_side_is_bitwise_the_same(chunk):
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     assert out[0][0].item() == pytest.approx(kl_div(h @ W.T, hc @ W.T).item(), rel=1e-5)
     with pytest.raises(ValueError, match="chunks"):
-        fused_kl_div(h, hc, W, chunk + 1, clean=clean_logprobs(hc, W, chunk))
+        fused_kl_div(h, hc, W, chunk + 1, clean=clean_logprobs(hc, W, chunk))  # 38 tokens: other chunks
