@@ -6,6 +6,7 @@ The paper's figures and numbers from run folders (or any source eval.py reads: A
     python analysis.py pareto out/*_L6 --out pareto.png                      # Fig. 1: L0 and alive vs CE increase
     python analysis.py pareto out/sweep_local-e2e-e2e_ds_L6 --out pareto.png # a sweep folder: each of its SAEs
     python analysis.py downstream out/*_L6 --out downstream.png              # Fig. 2: MSE at every later layer
+    python analysis.py seeds out/e2e_L6_s0 out/e2e_L6_s1 out/e2e_L6_s2       # seed stability, decoder and encoder
 Every command prints a short table of the numbers the paper reports; --json prints all of them as one JSON
 object instead. pareto and downstream read the last line of each run's eval.jsonl (its final eval);
 `python eval.py SRC --json >> SRC/eval.jsonl` makes one for any SAE.
@@ -127,7 +128,8 @@ def load_directions(path, alive_from="saved", **eval_kw):
             how = "all features (" + ("--alive_from all)" if alive_from == "all" else "no saved firing frequencies)")
     dirs = dict(decoder=unit_rows(sae.dict_elements().T[alive]), encoder=unit_rows(sae.encoder.weight[alive]))
     info = dict(path=path, loss=cfg.get("loss"), layer=cfg["layer"], n_dict=sae.n_dict,
-                alive=int(alive.sum()), alive_from=how)
+                alive=int(alive.sum()), alive_from=how, seed=cfg.get("args", {}).get("seed"))
+    info["_args"] = cfg.get("args", {})  # for seeds(): what else differs between runs
     return dirs, info
 
 
@@ -136,7 +138,7 @@ def geometry(path_a, path_b=None, alive_from="saved", match_cap=4096, chunk=1024
     runs = {"A": load_directions(path_a, alive_from, **eval_kw)}
     if path_b:
         runs["B"] = load_directions(path_b, alive_from, **eval_kw)
-    out = dict(runs={k: v[1] for k, v in runs.items()}, match_cap=match_cap)
+    out = dict(runs={k: _public(v[1]) for k, v in runs.items()}, match_cap=match_cap)
     for kind in ("decoder", "encoder"):
         res, within = {}, {}
         for k, (dirs, _) in runs.items():
@@ -151,6 +153,56 @@ def geometry(path_a, path_b=None, alive_from="saved", match_cap=4096, chunk=1024
                                 matching={k: v for k, v in m.items() if not k.startswith("rows_")})
         out[kind] = res
     return out, {k: v[0] for k, v in runs.items()}
+
+
+def _public(info):
+    return {k: v for k, v in info.items() if not k.startswith("_")}
+
+
+def mean_ci(x):
+    """Mean of x and its 95% interval, mean ± t₀.₉₇₅(n−1) · sd / √n (None for a single value)."""
+    from scipy.stats import t
+    x = np.asarray(x, dtype=np.float64)
+    if x.size < 2:
+        return dict(mean=float(x.mean()), ci95=None, n=int(x.size))
+    h = t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return dict(mean=float(x.mean()), ci95=[float(x.mean() - h), float(x.mean() + h)], n=int(x.size))
+
+
+SEED_FREE = {"seed", "out_dir", "resume", "device", "compile", "wandb", "wandb_project", "data_dir", "eval_every",
+             "log_every", "save_every", "max_bad_steps", "kl_chunk", "no_kl_share", "name"}
+
+
+def seeds(paths, alive_from="saved", match_cap=4096, chunk=1024, **eval_kw):
+    """Seed stability: for every pair of runs (i < j) that differ only in --seed, the cross-seed similarity of
+    decoder and of encoder directions (mean A→B and B→A max-cosine, and the one-to-one matching mean, as in
+    geometry), then each number's mean over pairs with a 95% t-interval (pairs share runs, so the interval
+    is a rough guide)."""
+    if len(paths) < 2:
+        raise ValueError(f"seeds needs at least two runs, got {len(paths)}")
+    runs = [load_directions(p, alive_from, **eval_kw) for p in paths]
+    base = runs[0][1]
+    for dirs, info in runs[1:]:
+        diff = sorted(k for k in set(base["_args"]) | set(info["_args"]) if k not in SEED_FREE
+                      and base["_args"].get(k) != info["_args"].get(k))
+        if diff or info["layer"] != base["layer"] or dirs["decoder"].size(1) != runs[0][0]["decoder"].size(1):
+            what = diff[0] if diff else "layer or d"
+            raise ValueError(f"{info['path']!r} differs from {base['path']!r} in {what} "
+                             f"({base['_args'].get(what)!r} vs {info['_args'].get(what)!r}), not only in the seed")
+    pairs = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            rec = dict(a=paths[i], b=paths[j])
+            for kind in ("decoder", "encoder"):
+                A, B = runs[i][0][kind], runs[j][0][kind]
+                a_to_b, b_to_a = nearest_cos(A, B, chunk)
+                m = matching(A, B, match_cap, chunk=chunk)
+                rec[kind] = dict(A_to_B=a_to_b.mean().item(), B_to_A=b_to_a.mean().item(), matching=m["mean"],
+                                 matching_exact=m["exact"], matching_pairs=m["pairs"])
+            pairs.append(rec)
+    summary_ = {kind: {k: mean_ci([p[kind][k] for p in pairs]) for k in ("A_to_B", "B_to_A", "matching")}
+                for kind in ("decoder", "encoder")}
+    return dict(runs=[_public(r[1]) for r in runs], pairs=pairs, summary=summary_, match_cap=match_cap)
 
 
 # ----------------------------------------------------------------------------- run folders and plots
@@ -296,6 +348,21 @@ def format_geometry(res):
     return "\n".join(lines + [table(rows)] + ([f"plot: {res['out']}"] if res.get("out") else []))
 
 
+def format_seeds(res):
+    """Per pair and over pairs: decoder and encoder cross-seed similarity (1 = the same directions)."""
+    lines = [f"run {i}: {r['path']} (seed {r['seed']}, {r['alive']}/{r['n_dict']} alive)" for i, r in enumerate(res["runs"])]
+    cols = [(kind, k) for kind in ("decoder", "encoder") for k in ("A_to_B", "B_to_A", "matching")]
+    rows = [["pair"] + [f"{kind[:3]} {k.replace('_to_', '→').replace('matching', '1:1')}" for kind, k in cols]]
+    idx = {r["path"]: i for i, r in enumerate(res["runs"])}
+    rows += [[f"{idx[p['a']]}-{idx[p['b']]}"] + [f"{p[kind][k]:.4f}" for kind, k in cols] for p in res["pairs"]]
+    rows.append(["mean"] + [f"{res['summary'][kind][k]['mean']:.4f}" for kind, k in cols])
+    ci = [res["summary"][kind][k]["ci95"] for kind, k in cols]
+    if ci[0] is not None:
+        rows.append(["95% CI"] + [f"{c[0]:.3f}..{c[1]:.3f}" for c in ci])
+    return "\n".join(lines + [table(rows), "A→B: each feature of the first run's nearest in the second; 1:1: "
+                               "one-to-one (Hungarian) matching mean; 1 = identical directions"])
+
+
 def format_pareto(res):
     """One row per run: its final eval's L0, alive, CE increase, and which fronts of its loss kind it is on."""
     rows = [["run", "loss", "layer", "l0", "alive", "ce_increase", "front"]]
@@ -366,6 +433,12 @@ def main(argv=None):
     g.add_argument("--n_boot", type=int, default=1000,
                    help="bootstrap resamples for the 95%% CI of within A − within B")
     g.add_argument("--out", default=None, help="write a PNG of the histograms here")
+    sd = sub.add_parser("seeds", help="cross-seed similarity of runs that differ only in --seed", formatter_class=fmt)
+    sd.add_argument("runs", nargs="+", help="two or more run folders (or other sources) of the same SAE, other seeds")
+    sd.add_argument("--alive_from", default="saved", choices=["saved", "all"],
+                    help="alive features: those that fired in the saved frequencies, or every feature")
+    sd.add_argument("--match_cap", type=int, default=4096, help="features a side in the one-to-one matching")
+    sd.add_argument("--chunk", type=int, default=1024, help="rows per block of similarities")
     for name in ("pareto", "downstream"):
         p = sub.add_parser(name, help="Fig. 1" if name == "pareto" else "Fig. 2", formatter_class=fmt)
         p.add_argument("runs", nargs="+", help="run folders, each with sae.json and eval.jsonl")
@@ -375,7 +448,7 @@ def main(argv=None):
         p.error = parser.error
     args = parser.parse_args(argv)
     try:
-        if args.out and not args.out.endswith(".png"):
+        if getattr(args, "out", None) and not args.out.endswith(".png"):
             raise ValueError(f"--out {args.out!r} must end in .png")
         if args.cmd == "geometry":
             for name in ("match_cap", "chunk", "n_boot"):
@@ -387,11 +460,16 @@ def main(argv=None):
             if args.out:
                 plot_geometry(res, args.out)
             res["out"] = args.out
+        elif args.cmd == "seeds":
+            for name in ("match_cap", "chunk"):
+                if getattr(args, name) <= 0:
+                    raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+            res = seeds(args.runs, args.alive_from, args.match_cap, args.chunk)
         else:
             res = (pareto if args.cmd == "pareto" else downstream)(args.runs, args.out)
     except (ValueError, OSError) as e:
         sys.exit(f"analysis.py: error: {e}")
-    fmt = dict(geometry=format_geometry, pareto=format_pareto, downstream=format_downstream)[args.cmd]
+    fmt = dict(geometry=format_geometry, seeds=format_seeds, pareto=format_pareto, downstream=format_downstream)[args.cmd]
     print(json.dumps(res) if args.json else fmt(res))
 
 

@@ -21,7 +21,8 @@ FORMAT = "nanosae-checkpoint-2"  # -1: one SAE at the top level (still read: loa
 # what must match for a run to resume from its checkpoint (the rest, e.g. --device, --eval_every, may change);
 # the SAEs themselves (loss, layer, λ, coefficients) are compared by check_resumable
 RESUME_KEYS = ("model", "dataset", "no_center", "dict_ratio", "n_samples", "batch_size", "grad_accum", "ctx", "lr",
-               "warmup_samples", "min_lr_ratio", "grad_clip", "eval_samples", "seed")
+               "warmup_samples", "min_lr_ratio", "grad_clip", "eval_samples", "seed", "ds_layers", "init_from",
+               "local_frac", "local_l1")
 PER_SAE = ("loss", "layer", "l1", "kl_coeff", "ds_coeff")  # what differs between the SAEs of a sweep
 
 
@@ -49,9 +50,14 @@ def restore_rng(ckpt, device):
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
 
 
+NEWER_FLAGS = dict(ds_layers="all", init_from=None, local_frac=0.0, local_l1=None)  # their values before they existed
+
+
 def _absolute(args):
-    """A run stored before paths were made absolute: its local dataset / model / data_dir, if they exist
-    from here, as absolute paths (what parse_args now stores)."""
+    """A run stored by an earlier version: its local dataset / model / data_dir, if they exist from here, as
+    absolute paths (what parse_args now stores), and the flags added since at the values that mean 'off'."""
+    for k, v in NEWER_FLAGS.items():
+        args.setdefault(k, v)
     for k in ("dataset", "model", "data_dir"):
         v = args.get(k)
         if isinstance(v, str) and not os.path.isabs(v) and os.path.exists(v):

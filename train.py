@@ -68,6 +68,15 @@ parser.add_argument("--l1", nargs="+", default=None, help="sparsity coefficient 
 parser.add_argument("--kl_coeff", type=float, default=None, help="default 1.0 (e2e), 0.5 (e2e_ds)")
 parser.add_argument("--ds_coeff", type=float, default=None, help="β of the downstream MSE; default 2.5 (layers 2, 6), "
                     "0.05 (layer 10), nearest of those for other layers")
+parser.add_argument("--ds_layers", default="all", help="e2e_ds: the later residuals of the downstream MSE (blocks they "
+                    "enter): all (the paper), next, next:N, last, or a comma list of block indices after --layer")
+# ablations: start from an SAE, or train the first part of the run as local
+parser.add_argument("--init_from", default=None, help="start every SAE from this one (a run folder, an Apollo .pt or a "
+                    "SAELens folder) with a fresh optimizer; --layer, --dict_ratio, --model and centring default to its")
+parser.add_argument("--local_frac", type=float, default=0.0, help="train the first this fraction of the samples with "
+                    "the local loss (λ --local_l1), the rest with --loss, under one LR schedule")
+parser.add_argument("--local_l1", type=float, default=None, help="λ of the local phase of --local_frac; default: the "
+                    "paper's local λ for the layer")
 # data
 parser.add_argument("--dataset", default="apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
                     help="hub dataset (input_ids or text column) or a local .txt/.jsonl/.parquet file or folder")
@@ -163,6 +172,7 @@ def plan_runs(args):
                 r.kl_coeff = 0.0 if loss == "local" else KL_COEFF[loss] if args.kl_coeff is None else args.kl_coeff
                 r.ds_coeff = (DS_COEFF[nearest_paper_layer(layer)] if args.ds_coeff is None else args.ds_coeff) \
                     if loss == "e2e_ds" else 0.0
+                r.local_l1 = L1_SIMILAR_CE[("local", nearest_paper_layer(layer))] if args.local_l1 is None else args.local_l1
                 runs.append(r)
     names = [r.name for r in runs]
     dup = next((n for n in names if names.count(n) > 1), None)
@@ -173,10 +183,24 @@ def plan_runs(args):
 
 
 def parse_args(argv=None):
-    """(args, runs, the checkpoint in --out_dir or None). With --resume the folder must hold a checkpoint, and
-    every flag not on the command line takes the run's value; without it the flags are as given. Local paths
-    (dataset, model, data_dir) are made absolute, so the run's records work from any directory."""
+    """(args, runs, the checkpoint in --out_dir or None, the --init_from source's (SAE, cfg) or None). With
+    --resume the folder must hold a checkpoint, and every flag not on the command line takes the run's value;
+    without it the flags are as given, and --init_from's source gives the defaults of --layer, --dict_ratio,
+    --model and --no_center. Local paths (dataset, model, data_dir, init_from) are made absolute, so the
+    run's records work from any directory."""
     args = parser.parse_args(argv)
+    unset = object()  # argparse leaves a flag that is not on the command line at what the namespace holds
+    given = {k for k, v in vars(parser.parse_args(argv, namespace=argparse.Namespace(
+        **dict.fromkeys(vars(args), unset)))).items() if v is not unset}
+    init = None
+    if args.init_from and not args.resume:
+        from interop import load_any
+        src, cfg, _ = load_any(args.init_from)
+        init = (src, cfg)
+        for k, v in dict(layer=str(cfg["layer"]), dict_ratio=src.n_dict / src.d, model=cfg.get("model"),
+                         no_center=not cfg["center"]).items():
+            if k not in given and v is not None:
+                setattr(args, k, v)
     if args.out_dir is None:
         one = len(plan_runs(args)) == 1
         args.out_dir = os.path.join("out", f"{args.loss}_L{args.layer}" if one else
@@ -186,18 +210,36 @@ def parse_args(argv=None):
     if args.resume:
         if ckpt is None:
             raise ValueError(f"--resume: --out_dir {args.out_dir!r} holds no checkpoint (ckpt.pt) to resume from")
-        unset = object()  # argparse leaves a flag that is not on the command line at what the namespace holds
-        given = vars(parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset))))
         for k, v in ckpt["args"].items():
-            if given.get(k) is unset and k not in ("out_dir", "resume") and k in given:
+            if k not in given and k not in ("out_dir", "resume") and hasattr(args, k):
                 setattr(args, k, v)
-    for k in ("dataset", "model", "data_dir"):  # a path that exists here, not a hub id
-        if os.path.exists(getattr(args, k)):
+    for k in ("dataset", "model", "data_dir", "init_from"):  # a path that exists here, not a hub id
+        if getattr(args, k) and os.path.exists(getattr(args, k)):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     runs = plan_runs(args)
     for r in runs:  # one SAE: --out_dir is its run folder; several: each its own subfolder
         r.out_dir = args.out_dir if len(runs) == 1 else os.path.join(args.out_dir, r.name)
-    return args, runs, ckpt
+    return args, runs, ckpt, init
+
+
+def parse_ds_layers(spec, layer, n_layer):
+    """--ds_layers for an SAE at layer of an n_layer model -> the block indices whose input residual the
+    downstream MSE compares: all = layer+1 .. n_layer-1 (the paper), next = layer+1, next:N = the N after
+    layer, last = n_layer-1, or a comma list. ValueError names the bad value."""
+    later = list(range(layer + 1, n_layer))
+    if spec in ("all", "next", "last"):
+        return {"all": later, "next": later[:1], "last": later[-1:]}[spec]
+    if spec.startswith("next:"):
+        n = split_list("--ds_layers next:N", spec[5:], int)[0]
+        if not 1 <= n <= len(later):
+            raise ValueError(f"--ds_layers {spec}: N must be in 1..{len(later)} at --layer {layer} of {n_layer} layers")
+        return later[:n]
+    ks = split_list("--ds_layers", spec, int)
+    bad = next((k for k in ks if k not in later), None)
+    if bad is not None or len(set(ks)) != len(ks):
+        raise ValueError(f"--ds_layers {spec!r}: {'block ' + str(bad) + ' is not' if bad is not None else 'give each block once, all'}"
+                         f" after --layer {layer} (blocks {layer + 1}..{n_layer - 1}); or all, next, next:N, last")
+    return sorted(ks)
 
 
 def check_args(args, runs):
@@ -221,6 +263,16 @@ def check_args(args, runs):
             raise ValueError(f"--{k} {getattr(args, k)} has no effect with --loss {args.loss}; leave it out")
     if not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if not 0 <= args.local_frac <= 1:
+        raise ValueError(f"--local_frac must be in [0, 1], got {args.local_frac}")
+    if args.local_l1 is not None and not 0 <= args.local_l1 < math.inf:
+        raise ValueError(f"--local_l1 must be a number >= 0, got {args.local_l1}")
+    for flag, value, useless in (("local_frac", args.local_frac, kinds == {"local"}),
+                                 ("local_l1", args.local_l1, args.local_frac == 0 or kinds == {"local"}),
+                                 ("ds_layers", None if args.ds_layers == "all" else args.ds_layers, "e2e_ds" not in kinds)):
+        if useless and value:
+            raise ValueError(f"--{flag} {value} has no effect with --loss {args.loss}"
+                             f"{' and --local_frac 0' if flag == 'local_l1' and kinds != {'local'} else ''}; leave it out")
     if args.n_samples < args.batch_size * args.grad_accum:
         raise ValueError(f"--n_samples {args.n_samples} is less than one step of {args.batch_size * args.grad_accum} samples")
     if args.device != "auto" and not (args.device == "cpu" or args.device.startswith("cuda")):
@@ -239,6 +291,7 @@ def check_model(args, runs, model):
             raise ValueError(f"--layer {r.layer} is outside 0..{n_layer - 1} for this {n_layer}-layer model")
         if r.loss == "e2e_ds" and r.layer == n_layer - 1:
             raise ValueError(f"--loss e2e_ds at --layer {r.layer} has no later layer; use e2e or a lower layer")
+        r.ds = parse_ds_layers(args.ds_layers, r.layer, n_layer) if r.loss == "e2e_ds" else []
     if args.ctx > model.config.n_positions:
         raise ValueError(f"--ctx {args.ctx} is above the model's context of {model.config.n_positions}")
     if int(args.dict_ratio * C) < 1:
@@ -248,6 +301,30 @@ def check_model(args, runs, model):
         raise ValueError(f"model {args.model!r} has non-finite weights ({bad})")
 
 
+def same_model(a, b):
+    from model import HUB_ALIASES
+    norm = lambda m: os.path.abspath(m) if os.path.exists(m) else HUB_ALIASES.get(m, m)  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def check_init(init, args, runs, model):
+    """ValueError (one line, naming the mismatch) unless the --init_from SAE fits this run: d, n_dict, layer,
+    model and centring."""
+    src, cfg = init
+    C, where = model.config.n_embd, f"--init_from {args.init_from!r}"
+    checks = [(src.d == C, f"has d {src.d}, but model {args.model!r} has d_model {C}"),
+              (src.n_dict == int(args.dict_ratio * C), f"has {src.n_dict} features, but --dict_ratio {args.dict_ratio:g} "
+               f"gives {int(args.dict_ratio * C)}; leave --dict_ratio out"),
+              (all(r.layer == cfg["layer"] for r in runs), f"is an SAE of layer {cfg['layer']}, not --layer {args.layer}"),
+              (cfg["center"] == (not args.no_center), f"was trained on the {'' if cfg['center'] else 'un'}centred residual "
+               f"stream; {'leave --no_center out' if cfg['center'] else 'add --no_center'}"),
+              (cfg.get("model") is None or same_model(cfg["model"], args.model),
+               f"was trained on model {cfg.get('model')!r}, not {args.model!r}; leave --model out")]
+    bad = next((why for ok, why in checks if not ok), None)
+    if bad:
+        raise ValueError(f"{where} {bad}")
+
+
 def lr_at(step, steps, args, eff_batch):
     """Linear warmup from 0 over warmup_samples, then cosine decay to min_lr_ratio × lr at the last step."""
     warmup = args.warmup_samples // eff_batch
@@ -255,6 +332,12 @@ def lr_at(step, steps, args, eff_batch):
         return args.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def ds_blocks(r, n_layer):
+    """The blocks whose input residual an SAE's downstream MSE compares: r.ds (set by check_model from
+    --ds_layers); every later one for an e2e_ds SAE without it, none for the other kinds."""
+    return getattr(r, "ds", None) or (list(range(r.layer + 1, n_layer)) if r.loss == "e2e_ds" else [])
 
 
 @torch.no_grad()
@@ -268,11 +351,13 @@ def shared_passes(model, idx, runs, kl_share=True):
     e2e = [r for r in runs if r.loss != "local"]
     lo = min(r.layer for r in runs)
     hi = model.config.n_layer if e2e else max(r.layer for r in runs)
+    keep = {r.layer for r in runs} | {k for r in e2e for k in ds_blocks(r, hi)}  # no residual nobody reads
     x = model.forward_to_layer(idx, lo)                                  # (B, T, C)
     resid = {lo: x}
     for l in range(lo, hi):  # the same blocks, in the same order, as forward_from_layer
         x = model.transformer.h[l](x)
-        resid[l + 1] = x
+        if l + 1 in keep:
+            resid[l + 1] = x
     h_clean = model.transformer.ln_f(x) if e2e else None                 # (B, T, C)
     clean = None
     if kl_share and len(e2e) > 1:
@@ -284,8 +369,8 @@ def loss_step(model, sae, r, shared, fired=None):
     """(loss, parts) of one SAE (its flags r) on a micro-batch's shared passes: the only place the three
     kinds differ. The SAE reads the residual at r.layer; local compares its output with it; e2e kinds run
     the spliced suffix with gradients flowing through the frozen blocks into the SAE, against the clean
-    final hidden state (KL) and, for e2e_ds, the clean later residuals. fired (n_dict,), if given, is
-    incremented by how often each feature fired."""
+    final hidden state (KL) and, for e2e_ds, the clean residuals entering blocks r.ds (--ds_layers; all
+    later ones in the paper). fired (n_dict,), if given, is incremented by how often each feature fired."""
     L, ln_f, W_U = r.layer, model.transformer.ln_f, model.lm_head.weight
     x = shared["resid"][L]                                               # (B, T, C)
     x_hat, c = sae(x)
@@ -297,9 +382,9 @@ def loss_step(model, sae, r, shared, fired=None):
         _, resids = model.forward_from_layer(x_hat.float(), L, logits=False)
         parts["kl"] = fused_kl_div(ln_f(resids[-1]), shared["h_clean"], W_U, r.kl_chunk, clean=shared["clean"])
         loss = r.kl_coeff * parts["kl"] + r.l1 * parts["sparsity"]
-        if r.loss == "e2e_ds":
-            clean = [shared["resid"][l] for l in range(L + 1, model.config.n_layer)]
-            parts["ds"] = downstream_mse(resids[:-1], clean)
+        if r.loss == "e2e_ds":  # the residuals entering blocks r.ds (--ds_layers), spliced vs clean
+            ds = ds_blocks(r, model.config.n_layer)
+            parts["ds"] = downstream_mse([resids[k - L - 1] for k in ds], [shared["resid"][k] for k in ds])
             loss = loss + r.ds_coeff * parts["ds"]
     active = (c > 0).reshape(-1, c.size(-1))                            # (B*T, n_dict)
     parts["l0"] = active.sum(-1).float().mean()
@@ -321,8 +406,14 @@ class SAERun:
 
     def sae_cfg(self):
         r = self.r
-        return dict(layer=r.layer, model=r.model, center=not r.no_center, loss=r.loss,
+        return dict(layer=r.layer, model=r.model, center=not r.no_center, loss=r.loss, init_from=r.init_from,
                     args={k: v for k, v in vars(r).items() if k != "name"})
+
+    def flags(self, step, switch):
+        """The flags of the loss at step: before the --local_frac switch, local with λ = --local_l1."""
+        if step >= switch or self.r.loss == "local":
+            return self.r
+        return argparse.Namespace(**dict(vars(self.r), loss="local", l1=self.r.local_l1, kl_coeff=0.0, ds_coeff=0.0))
 
 
 def fmt_time(s):
@@ -334,7 +425,7 @@ def setup(rank, world):
     """Parse and check everything, then load the model and data: (args, runs, ckpt, device, model, splits).
     Every bad input fails here with a ValueError, before anything is written."""
     ddp = world > 1
-    args, runs, ckpt = parse_args()
+    args, runs, ckpt, init = parse_args()
     check_args(args, runs)
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be a multiple of the {world} processes")
@@ -363,6 +454,8 @@ def setup(rank, world):
     from model import GPT
     model = GPT.from_pretrained(args.model, center=not args.no_center).to(device)
     check_model(args, runs, model)
+    if init is not None:
+        check_init(init, args, runs, model)
     if ddp and rank > 0:
         torch.distributed.barrier()  # rank 0 tokenises into the cache first; the others then read it
     eval_rows, train_rows, data = load_split(args.dataset, args.ctx, args.eval_samples, args.n_samples,
@@ -378,14 +471,14 @@ def setup(rank, world):
         for r in runs:
             os.makedirs(r.out_dir, exist_ok=True)
             trim_eval_log(os.path.join(r.out_dir, "eval.jsonl"), ckpt["step"] if ckpt else 0)  # redone from there
-    return args, runs, ckpt, device, model, (eval_rows, train_rows, data)
+    return args, runs, ckpt, init, device, model, (eval_rows, train_rows, data)
 
 
 def main():
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ddp, master = world > 1, rank == 0
     try:
-        args, runs, ckpt, device, model, (eval_rows, train_rows, data) = setup(rank, world)
+        args, runs, ckpt, init, device, model, (eval_rows, train_rows, data) = setup(rank, world)
     except (ValueError, OSError) as e:
         sys.exit(f"train.py: error: {e}" if master else 1)
     if ddp:
@@ -402,6 +495,8 @@ def main():
     for r in runs:
         torch.manual_seed(args.seed)  # each SAE starts as its single run would, wherever it is in the list
         sae = SAE(C, int(args.dict_ratio * C)).to(device)
+        if init is not None and ckpt is None:  # --init_from: its weights, a fresh optimizer
+            sae.load_state_dict(init[0].state_dict())
         saes.append(SAERun(r, sae, torch.optim.Adam(sae.parameters(), lr=args.lr),
                            torch.zeros(sae.n_dict, dtype=torch.float64, device=device)))
     # fired: how often each feature fired since the last eval; across processes the counts add up (rank 0
@@ -409,6 +504,7 @@ def main():
     step = 0
     eff_batch = args.batch_size * args.grad_accum  # samples per optimizer step, over all processes
     steps = args.n_samples // eff_batch
+    switch = int(args.local_frac * args.n_samples) // eff_batch  # --local_frac: steps before it are local
     if ckpt is not None:
         step = ckpt["step"]
         for s, saved in zip(saes, ckpt["runs"]):
@@ -481,6 +577,8 @@ def main():
                 save_firing(s.r.out_dir, counts / m["alive_tokens"], m["alive_tokens"], dataset=args.dataset,
                             held_out=True)
             m.update(step=step, samples=step * eff_batch, alive_train=int((s.fired > 0).sum()))
+            if args.local_frac > 0:  # which loss trained the SAE up to here; the switch's own eval marked
+                m.update(phase="local" if step <= switch else s.r.loss, **({"switch": True} if step == switch else {}))
             append_eval_log(os.path.join(s.r.out_dir, "eval.jsonl"), m)
             print(f"eval step {step} | {s.r.name + ' | ' if sweep else ''}l0 {m['l0']:.2f} | alive {m['alive']} | "
                   f"ce +{m['ce_increase']:.4f} | kl {m['kl']:.4f} | mse {m['mse']:.4g} | "
@@ -524,8 +622,12 @@ def main():
     t_start, t_train, n_timed = time.time(), 0.0, 0
     for step in range(step, steps + 1):
         last = step == steps
-        if last or (step > 0 and step % max(1, args.eval_every // eff_batch) == 0):
+        if last or (step > 0 and step % max(1, args.eval_every // eff_batch) == 0) or (step == 0 and args.init_from) \
+                or (step == switch and 0 < switch < steps):  # also the start of a fine-tune, and the switch
             run_eval(last)
+        if step == switch and 0 < switch < steps and master:
+            print(f"switch at step {step}: local -> {', '.join(sorted({r.loss for r in runs}))} "
+                  f"(after {step * eff_batch} samples, --local_frac {args.local_frac:g})", flush=True)
         if last:
             save(step, finished=True)
             break
@@ -536,11 +638,12 @@ def main():
         for j in range(accum):  # batch -> shared frozen passes -> each SAE's loss, backward (and last, its step)
             start = (step * args.grad_accum + j * world + rank) * args.batch_size
             idx = get_batch(train_rows, sample_rows(args.seed, len(train_rows), start, args.batch_size), device)
+            flags = [s.flags(step, switch) for s in saes]
             with autocast:
-                shared = shared_passes(model, idx, runs, kl_share=not args.no_kl_share)
-            for s, log in zip(saes, logs):
+                shared = shared_passes(model, idx, flags, kl_share=not args.no_kl_share)
+            for s, r, log in zip(saes, flags, logs):
                 with (s.module.no_sync() if ddp and j < accum - 1 else contextlib.nullcontext()), autocast:
-                    loss, parts = loss_step(model, s.module, s.r, shared, s.fired)
+                    loss, parts = loss_step(model, s.module, r, shared, s.fired)
                     (loss / accum).backward()  # frees this SAE's activations before the next SAE runs
                 for k, v in dict(parts, loss=loss).items():
                     log[k] = log.get(k, 0.0) + v.detach() / accum
