@@ -213,7 +213,8 @@ def parse_args(argv=None):
         for k, v in ckpt["args"].items():
             if k not in given and k not in ("out_dir", "resume") and hasattr(args, k):
                 setattr(args, k, v)
-    for k in ("dataset", "model", "data_dir", "init_from"):  # a path that exists here, not a hub id
+    args.data_dir = os.path.abspath(args.data_dir)
+    for k in ("dataset", "model", "init_from"):  # a path that exists here, not a hub id
         if getattr(args, k) and os.path.exists(getattr(args, k)):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     runs = plan_runs(args)

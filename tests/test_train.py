@@ -176,6 +176,7 @@ def test_local_paths_stored_absolute_and_eval_from_elsewhere(tmp_path, tiny_mode
     assert p.returncode == 0, p.stderr
     cfg = json.load(open(work / "run" / "sae.json"))
     assert cfg["args"]["dataset"] == str(work / "input.txt") and cfg["model"] == str(work / "gpt")
+    assert cfg["args"]["data_dir"] == str(work / "cache")  # made by the run: absolute too
     m = json.loads(run("eval.py", str(work / "run"), "--json", "--alive_tokens", 0).stdout)  # cwd is the repo
     assert m["dataset"] == str(work / "input.txt") and m["ce_clean"] > 0
     ckpt = torch.load(work / "run" / "ckpt.pt", weights_only=True)  # as an older version stored it, unfinished
