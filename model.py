@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODEL_TYPES = ("gpt2", "gpt_neo")
+TINYSTORIES_1M = "roneneldan/TinyStories-1M"
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
@@ -252,6 +253,19 @@ def config_from_hf(hf, name):
     if config.n_embd % config.n_head:
         raise ValueError(f"model {name!r}: d_model {config.n_embd} is not a multiple of its {config.n_head} heads")
     return config
+
+
+def is_tinystories_1m(name_or_path):
+    """TinyStories-1M: its hub id, or a local folder whose config.json is a GPT-Neo of 8 layers with d_model 64.
+    (train.py gives these the paper's TinyStories recipe.) Reads no weights and never goes to the hub."""
+    if name_or_path == TINYSTORIES_1M:
+        return True
+    try:
+        with open(os.path.join(name_or_path, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return hf.get("model_type") == "gpt_neo" and hf.get("num_layers") == 8 and hf.get("hidden_size") == 64
 
 
 def hf_names(k, neo):
