@@ -217,7 +217,7 @@ def model_defaults(args, argv=None):
     tokens = [str(t) for t in args.l1 or []]
     if all("=" in t for t in tokens):  # none given, or KIND=LIST tokens: the kinds left out get the recipe's λ
         named = {t.split("=", 1)[0] for t in tokens}
-        args.l1 = tokens + [f"{kind}={TINYSTORIES_PER_KIND['l1'][kind]:g}" for kind in kinds if kind not in named]
+        args.l1 = tokens + [f"{kind}={TINYSTORIES_PER_KIND['l1'][kind]:g}" for kind in kinds if kind not in named] or None
 
 
 def parse_args(argv=None):

@@ -131,18 +131,20 @@ def test_gpt_neo_splice_identity_and_centring(neo_model_dir, neo_ref):
     n_layer = model.config.n_layer
     with torch.no_grad():
         full = model(idx)
-        x = model.forward_to_layer(idx, 4)
-        logits, resids = model.forward_from_layer(x, 4)
+        logits, _ = model.forward_from_layer(model.forward_to_layer(idx, 4), 4)
         assert torch.equal(logits, full)
-        final = model.forward_from_layer(model.forward_to_layer(idx, 0), 0, logits=False)[1][-1]
+        idx = idx[:, :300]  # still past the window; every layer
+        clean = [model.forward_to_layer(idx, 0)]
+        for block in model.transformer.h:
+            clean.append(block(clean[-1]))
         for L in range(n_layer):
             x = model.forward_to_layer(idx, L)
+            assert torch.equal(x, clean[L])
             assert x.mean(-1).abs().max().item() < 1e-5  # centred residual (TransformerLens's GPT-Neo processing)
             none, resids = model.forward_from_layer(x, L, logits=False)
             assert none is None and len(resids) == n_layer - L
-            assert torch.equal(resids[-1], final)
-            if L + 1 < n_layer:
-                assert torch.equal(resids[0], model.forward_to_layer(idx, L + 1))
+            for r, c in zip(resids, clean[L + 1:]):
+                assert torch.equal(r, c)
     assert model.lm_head.weight is model.transformer.wte.weight and not any(p.requires_grad for p in model.parameters())
 
 
