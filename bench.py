@@ -1,10 +1,12 @@
 """
-Benchmark training steps of each loss on a randomly initialised GPT-2 of a given shape.
+Benchmark training steps of each loss on a randomly initialised GPT-2 (or GPT-Neo) of a given shape.
 
     python bench.py                                            # GPT-2 small shape, ctx 128, batch 4, layer 6
     python bench.py --n_layer 4 --n_head 4 --n_embd 128 --batch_size 8 --layer 2 --naive   # fast vs naive
     python bench.py --device cuda --dtype bfloat16 --compile --ctx 1024 --batch_size 8 --dict_ratio 60
     python bench.py --loss e2e_ds --n_sae 4                    # one sweep step of 4 SAEs vs one single step
+    python bench.py --arch gpt_neo --n_layer 8 --n_embd 64 --n_head 16 --ctx 512 --batch_size 20 --layer 4 \
+        --dict_ratio 50                                        # TinyStories-1M's shape and the paper's recipe
 
 Each (loss, path) runs in a fresh process, so peak memory is its own (CPU: peak RSS; CUDA: max allocated).
 After --warmup steps, --steps optimizer steps are timed. One step = one micro-batch forward + backward,
@@ -17,7 +19,8 @@ clip and Adam step), in its own process, and reports its time and peak memory ov
 MFU = the step's model FLOPs / the matmul FLOP/s measured on this machine, in this run, in the same
 dtype. Model FLOPs count each matmul the step needs once (2·m·n·k): prefix, clean suffix and unembedding
 (e2e kinds), SAE forward and backward, spliced suffix forward and its input-gradient backward, and the
-three unembedding matmuls of the KL (spliced, clean, gradient). Recomputation is not counted.
+three unembedding matmuls of the KL (spliced, clean, gradient). Recomputation is not counted. Attention
+is counted over all T keys, also in GPT-Neo's local layers (SDPA computes the masked scores too).
 """
 import argparse
 import json
@@ -30,7 +33,10 @@ import time
 import torch
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-# model shape (a random GPT-2; the defaults are GPT-2 small's)
+# model shape (a random GPT-2 or GPT-Neo; the defaults are GPT-2 small's)
+parser.add_argument("--arch", default="gpt2", choices=["gpt2", "gpt_neo"], help="gpt_neo: GPT-Neo's attention "
+                    "(no q/k/v bias, unscaled scores, layers alternating global and local as in TinyStories-1M)")
+parser.add_argument("--window_size", type=int, default=256, help="GPT-Neo's local attention window")
 parser.add_argument("--n_layer", type=int, default=12, help="blocks")
 parser.add_argument("--n_head", type=int, default=12, help="attention heads")
 parser.add_argument("--n_embd", type=int, default=768, help="d_model")
@@ -106,6 +112,16 @@ def matmul_flops(device, dtype, n=2048, reps=3, trials=5):
     return best
 
 
+def neo_config(args):
+    """The GPTConfig of a GPT-Neo with this shape as model.from_pretrained reads it (TinyStories-1M's: 8 layers,
+    d 64, 16 heads, attention_types [[["global", "local"], 4]], window 256, context 2048)."""
+    from model import GPTConfig
+    return GPTConfig(n_positions=max(2048, args.ctx), vocab_size=args.vocab_size, n_layer=args.n_layer,
+                     n_head=args.n_head, n_embd=args.n_embd, n_inner=4 * args.n_embd, qkv_bias=False, scale_attn=False,
+                     attention_layers=("global", "local") * (args.n_layer // 2) + ("global",) * (args.n_layer % 2),
+                     window_size=args.window_size)
+
+
 def measure(args, loss, path):
     """One (loss, path) measurement in this process (path: fast, naive or sweep); returns the JSON dict."""
     from model import GPT, GPTConfig
@@ -113,8 +129,9 @@ def measure(args, loss, path):
     from train import KL_COEFF, loss_step, shared_passes
     device = args.device
     torch.manual_seed(0)
-    cfg = GPTConfig(n_positions=max(1024, args.ctx), vocab_size=args.vocab_size, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd, n_inner=4 * args.n_embd)
+    cfg = neo_config(args) if args.arch == "gpt_neo" else GPTConfig(
+        n_positions=max(1024, args.ctx), vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+        n_embd=args.n_embd, n_inner=4 * args.n_embd)
     model = GPT(cfg).center_writing_weights().to(device).requires_grad_(False).eval()
     k = args.n_sae if path == "sweep" else 1
     saes = [SAE(cfg.n_embd, int(args.dict_ratio * cfg.n_embd)).to(device) for _ in range(k)]
@@ -152,7 +169,7 @@ def measure(args, loss, path):
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     flops = step_flops(cfg, step_args[0], saes[0].n_dict, k)
     mm = matmul_flops(device, torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
-    return dict(loss=loss, path=path, n_sae=k, device=device, dtype=args.dtype, compile=args.compile,
+    return dict(loss=loss, path=path, n_sae=k, arch=args.arch, device=device, dtype=args.dtype, compile=args.compile,
                 s_per_step=s, tokens_per_s=args.batch_size * args.ctx / s, peak_mem_mb=peak,
                 step_gflop=flops / 1e9, matmul_gflops=mm / 1e9, mfu=flops / s / mm, threads=torch.get_num_threads())
 
@@ -171,6 +188,10 @@ def main():
         sys.exit(f"bench.py: error: --layer {args.layer} is outside 0..{args.n_layer - 1}")
     if args.loss in ("e2e_ds", "all") and args.layer == args.n_layer - 1:
         sys.exit(f"bench.py: error: --loss {args.loss} needs a layer after --layer {args.layer}; use a lower --layer")
+    if args.n_embd % args.n_head:
+        sys.exit(f"bench.py: error: --n_embd {args.n_embd} is not a multiple of --n_head {args.n_head}")
+    if args.window_size < 1:
+        sys.exit(f"bench.py: error: --window_size must be >= 1, got {args.window_size}")
     if args.n_sae < 1:
         sys.exit(f"bench.py: error: --n_sae must be >= 1, got {args.n_sae}")
     losses = ["local", "e2e", "e2e_ds"] if args.loss == "all" else [args.loss]
@@ -188,7 +209,8 @@ def main():
             print(json.dumps(r), flush=True)
     if args.json:
         return
-    shape = f"{args.n_layer}L d{args.n_embd} V{args.vocab_size} ctx {args.ctx} batch {args.batch_size} layer {args.layer} ratio {args.dict_ratio:g}"
+    neo = f" (GPT-Neo, window {args.window_size})" if args.arch == "gpt_neo" else ""
+    shape = f"{args.n_layer}L{neo} d{args.n_embd} V{args.vocab_size} ctx {args.ctx} batch {args.batch_size} layer {args.layer} ratio {args.dict_ratio:g}"
     print(f"\n{shape} | {rows[0]['device']} {args.dtype}{' compile' if args.compile else ''} | "
           f"matmul {rows[0]['matmul_gflops']:.0f} GFLOP/s | {rows[0]['threads']} threads")
     print(f"{'loss':8s} {'path':9s} {'s/step':>8s} {'tok/s':>9s} {'peak MB':>8s} {'MFU':>6s} {'speed-up':>8s} "

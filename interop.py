@@ -15,12 +15,14 @@ ours     a run folder: sae.safetensors + sae.json (see sae.py); optional firing.
          held_out (eval.py --save_firing writes it).
 Apollo   FILE.pt, a state dict with P = blocks-L-hook_resid_pre: P.encoder.0.weight (n_dict, d),
          P.encoder.0.bias (n_dict,), P.decoder.weight (d, n_dict) raw, not unit norm, P.decoder.bias (d,);
-         FILE.yaml, its training config (saes.sae_positions, tlens_model_name, train_data, loss). It expects
-         the centred residual (TransformerLens's default). Decoder columns are normalised on import.
+         FILE.yaml, its training config (saes.sae_positions, tlens_model_name, train_data, loss); without it
+         d_model 768 means GPT-2 small and 64 TinyStories-1M. It expects the centred residual (TransformerLens's
+         default). Decoder columns are normalised on import.
 SAELens  a folder: cfg.json + sae_weights.safetensors, architecture `standard`, row vectors:
          W_enc = W_eᵀ (d, n_dict), b_enc = b_e, W_dec = Dᵀ (n_dict, d), b_dec = b_d, apply_b_dec_to_input false;
          sparsity.safetensors: `sparsity` = log10(freq + 1e-10), SAELens's convention (dead features: -10).
-         The centring is metadata.model_from_pretrained_kwargs.center_writing_weights (default true).
+         The centring is metadata.model_from_pretrained_kwargs.center_writing_weights (default true). The model
+         and hook names are TransformerLens's: gpt2 or roneneldan/TinyStories-1M, blocks.L.hook_resid_pre.
 A SAELens SAE with W_dec rows of norm n ≠ 1 imports exactly by folding n into the encoder
 (ReLU(z) n = ReLU(z n) for n > 0), as SAELens's fold_W_dec_norm=True: the same x_hat, the feature
 activations scaled by n; apply_b_dec_to_input true folds into b_e = b_enc − W_encᵀ b_dec.
@@ -36,7 +38,10 @@ import torch
 from sae import SAE, load_sae, save_sae, save_tensors
 
 APOLLO_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
-TLENS_NAMES = {"gpt2-small": "gpt2"}  # TransformerLens model names that differ from ours
+TLENS_NAMES = {"gpt2-small": "gpt2", "tiny-stories-1M": "roneneldan/TinyStories-1M"}  # TransformerLens aliases -> ours
+# an Apollo .pt without its .yaml: the model, data and ctx of the paper's runs, told apart by d_model
+APOLLO_BY_D = {768: ("gpt2", APOLLO_DATASET, 1024),
+               64: ("roneneldan/TinyStories-1M", "apollo-research/roneneldan-TinyStories-tokenizer-gpt2", 512)}
 EPS = 1e-10  # SAELens's offset inside log10(freq + EPS)
 
 
@@ -127,10 +132,11 @@ def read_apollo(path):
     else:  # the release's file names: {local,e2e,downstream}_similar_{ce,l0}_layer_L.pt
         stem = os.path.basename(path)
         loss = next((k for p, k in (("downstream", "e2e_ds"), ("e2e", "e2e"), ("local", "local")) if stem.startswith(p)), "unknown")
-    model = conf.get("tlens_model_name") or "gpt2"
+    model, dataset, ctx = APOLLO_BY_D.get(sae.d, APOLLO_BY_D[768])
+    model = conf.get("tlens_model_name") or model
     cfg = dict(layer=layer, model=TLENS_NAMES.get(model, model), center=True, loss=loss,
                l1=(loss_conf.get("sparsity") or {}).get("coeff"),
-               args=dict(dataset=data.get("dataset_name") or APOLLO_DATASET, ctx=data.get("n_ctx") or 1024),
+               args=dict(dataset=data.get("dataset_name") or dataset, ctx=data.get("n_ctx") or ctx),
                imported_from=dict(format="apollo", path=os.path.abspath(path), config=_json_safe(conf)))
     return sae, cfg
 

@@ -1,5 +1,6 @@
 """
-GPT-2, written out by hand, with Hugging Face parameter names and two splice points.
+GPT-2 (and GPT-Neo, e.g. TinyStories-1M), written out by hand, with Hugging Face parameter names and two
+splice points.
 
     model = GPT.from_pretrained("gpt2")              # hub id, or a local save_pretrained folder
     x = model.forward_to_layer(idx, L)               # (B, T, C) residual entering block L
@@ -14,6 +15,12 @@ LayerNorm, which removes that mean anyway, so the logits do not change; the SAEs
 trained on (and the released ones expect) this centred stream. wpe and the c_proj weights are centred
 once at load. wte is also the (uncentred) unembedding, so its looked-up rows are centred instead: the
 same residual, and wte stays tied to lm_head (a centred copy would cost V×d floats, 154 MB for GPT-2 small).
+
+GPT-Neo (GPTNeoForCausalLM: roneneldan/TinyStories-1M) is the same network but for three config switches:
+q, k, v without bias (GPT-Neo's separate q_proj / k_proj / v_proj load into c_attn, out_proj into c_proj;
+nn.Linear weights, nothing transposed), no 1/sqrt(d_head) scaling of the attention scores, and every other
+layer (config attention_types) attending locally: query i sees keys j with i - window_size < j <= i. The
+centring is TransformerLens's for GPT-Neo, the same weights as GPT-2's (wte, wpe, out_proj, mlp c_proj).
 """
 import json
 import math
@@ -24,17 +31,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+MODEL_TYPES = ("gpt2", "gpt_neo")
+TINYSTORIES_1M = "roneneldan/TinyStories-1M"
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, local=False):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v, all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.scale = None if config.scale_attn else 1.0     # None: SDPA's 1/sqrt(hs); GPT-Neo does not scale
+        self.window = config.window_size if local else None  # GPT-Neo's local layers
 
     def forward(self, x):
         B, T, C = x.size()
@@ -42,7 +53,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)     # flash attention where it can
+        if self.window is not None and T > self.window:  # local: key j visible from i iff i - window < j <= i
+            i = torch.arange(T, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:  # GPT-2, GPT-Neo's global layers, and local ones no longer than their window
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # flash where it can
         y = y.transpose(1, 2).contiguous().view(B, T, C)                 # (B, T, C)
         return self.c_proj(y)
 
@@ -60,10 +76,10 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, local=False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, local)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
@@ -82,6 +98,11 @@ class GPTConfig:
     n_embd: int = 768
     n_inner: int = 3072
     layer_norm_epsilon: float = 1e-5
+    # GPT-Neo: qkv_bias False, scale_attn False, attention_layers ("global" | "local" per layer; empty: all global)
+    qkv_bias: bool = True
+    scale_attn: bool = True
+    attention_layers: tuple = ()
+    window_size: int = 256
 
 
 class GPT(nn.Module):
@@ -93,7 +114,8 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, local=t == "local")
+                             for t in config.attention_layers or ["global"] * config.n_layer]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -157,21 +179,13 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, center=True):
-        """A GPT-2 from a local folder (config.json + model.safetensors or pytorch_model.bin, as written by
-        transformers' save_pretrained) or a Hugging Face hub id. Returns the model frozen, in eval mode."""
+        """A GPT-2 or GPT-Neo from a local folder (config.json + model.safetensors or pytorch_model.bin, as
+        written by transformers' save_pretrained) or a Hugging Face hub id. Returns the model frozen, in eval mode."""
         config_file, weights_file = _resolve_checkpoint(name_or_path)
         with open(config_file) as f:
             hf = json.load(f)
-        if hf.get("model_type") != "gpt2":
-            raise ValueError(f"model {name_or_path!r} has model_type {hf.get('model_type')!r}; only 'gpt2' is supported")
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"model {name_or_path!r} uses activation {hf['activation_function']!r}; "
-                             "only GPT-2's tanh GELU ('gelu_new') is supported")
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError(f"model {name_or_path!r} uses attention options this GPT-2 does not implement")
-        config = GPTConfig(n_positions=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        config = config_from_hf(hf, name_or_path)
+        neo = hf["model_type"] == "gpt_neo"
         model = cls(config)
         if weights_file.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -183,22 +197,85 @@ class GPT(nn.Module):
                  if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
         sd = model.state_dict()
         keys = [k for k in sd if k != "lm_head.weight"]  # lm_head is tied to wte
-        missing = [k for k in keys if k.removeprefix("transformer.") not in sd_hf]
+        names = {k: hf_names(k.removeprefix("transformer."), neo) for k in keys}
+        missing = [n for k in keys for n in names[k] if n not in sd_hf]
         if missing:
             raise ValueError(f"model {name_or_path!r}: weights file lacks {missing[0]} (and {len(missing) - 1} more)")
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k in keys:
-                w = sd_hf[k.removeprefix("transformer.")]
-                if k.endswith(conv1d):  # HF stores these as Conv1D (in, out); nn.Linear wants (out, in)
+                w = sd_hf[names[k][0]] if len(names[k]) == 1 else torch.cat([sd_hf[n] for n in names[k]])  # (3C, C)
+                if k.endswith(conv1d) and not neo:  # GPT-2 stores these as Conv1D (in, out); nn.Linear: (out, in)
                     w = w.t()
-                assert w.shape == sd[k].shape, f"{k}: checkpoint {tuple(w.shape)} vs model {tuple(sd[k].shape)}"
+                if w.shape != sd[k].shape:
+                    raise ValueError(f"model {name_or_path!r}: {k} is {tuple(w.shape)} in the checkpoint, "
+                                     f"{tuple(sd[k].shape)} by its config.json")
                 sd[k].copy_(w.float())
         model.name = name_or_path
         if center:
             model.center_writing_weights()
         model.requires_grad_(False)
         return model.eval()
+
+
+def config_from_hf(hf, name):
+    """GPTConfig from a transformers config.json (GPT2LMHeadModel or GPTNeoForCausalLM); ValueError with one line
+    for a model or an option this file does not implement."""
+    kind = hf.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise ValueError(f"model {name!r} has model_type {kind!r}; supported: {', '.join(map(repr, MODEL_TYPES))}")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"model {name!r} uses activation {hf['activation_function']!r}; only the tanh GELU "
+                         "('gelu_new') is supported")
+    if hf.get("tie_word_embeddings") is False:
+        raise ValueError(f"model {name!r} has an lm_head untied from wte; only tied ones are supported")
+    if kind == "gpt2":
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise ValueError(f"model {name!r} uses attention options this GPT-2 does not implement")
+        config = GPTConfig(n_positions=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
+                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+    else:  # attention_types [[["global", "local"], 4]] -> 4 x (global, local), as transformers expands it
+        types = hf.get("attention_types") or [[["global", "local"], 12]]
+        layers = tuple(t for pattern, n in types for _ in range(n) for t in pattern)
+        bad = next((t for t in layers if t not in ("global", "local")), None)
+        if bad is not None:
+            raise ValueError(f"model {name!r} has attention type {bad!r}; only 'global' and 'local' are supported")
+        if len(layers) != hf["num_layers"]:
+            raise ValueError(f"model {name!r}: attention_types give {len(layers)} layers, num_layers is {hf['num_layers']}")
+        if "local" in layers and hf.get("window_size", 256) < 1:
+            raise ValueError(f"model {name!r} has window_size {hf['window_size']}; it must be >= 1")
+        config = GPTConfig(n_positions=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                           n_layer=hf["num_layers"], n_head=hf["num_heads"], n_embd=hf["hidden_size"],
+                           n_inner=hf.get("intermediate_size") or 4 * hf["hidden_size"],
+                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), qkv_bias=False, scale_attn=False,
+                           attention_layers=layers, window_size=hf.get("window_size", 256))
+    if config.n_embd % config.n_head:
+        raise ValueError(f"model {name!r}: d_model {config.n_embd} is not a multiple of its {config.n_head} heads")
+    return config
+
+
+def is_tinystories_1m(name_or_path):
+    """TinyStories-1M: its hub id, or a local folder whose config.json is a GPT-Neo of 8 layers with d_model 64.
+    (train.py gives these the paper's TinyStories recipe.) Reads no weights and never goes to the hub."""
+    if name_or_path == TINYSTORIES_1M:
+        return True
+    try:
+        with open(os.path.join(name_or_path, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return hf.get("model_type") == "gpt_neo" and hf.get("num_layers") == 8 and hf.get("hidden_size") == 64
+
+
+def hf_names(k, neo):
+    """The checkpoint's name(s) of our parameter k (no 'transformer.' prefix). GPT-2: k itself. GPT-Neo: its
+    q_proj, k_proj, v_proj make our c_attn, its out_proj is our c_proj; every other name is the same."""
+    if neo and k.endswith("attn.c_attn.weight"):
+        return [k.replace("c_attn", f"attention.{p}_proj") for p in "qkv"]
+    if neo and ".attn.c_proj." in k:
+        return [k.replace("attn.c_proj", "attn.attention.out_proj")]
+    return [k]
 
 
 def _resolve_checkpoint(name_or_path):

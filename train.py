@@ -7,6 +7,7 @@ every later layer), with the recipe of Braun et al. 2024. One SAE, or a sweep of
     python train.py --loss local,e2e,e2e_ds --layer 6 --l1 local=1,2,4,8 e2e=0.5,1,2,3 e2e_ds=10,25,50,100
                                                                # a sweep: the paper's Fig. 1 at layer 6, 12 SAEs
     python train.py --resume --out_dir out/e2e_ds_L6           # continue a stopped run with its own arguments
+    python train.py --model roneneldan/TinyStories-1M --loss e2e_ds   # the paper's TinyStories-1M recipe (see --help)
     torchrun --standalone --nproc_per_node=4 train.py --loss e2e --layer 6  # 4 GPUs, DDP on the SAE
     # a small CPU run of GPT-2 small (12 layers) on a local text file (minutes):
     python train.py --model gpt2 --dataset input.txt --loss e2e --layer 6 --ctx 128 --n_samples 512 \\
@@ -48,6 +49,23 @@ L1_SIMILAR_CE = {("local", 2): 0.8, ("e2e", 2): 0.5, ("e2e_ds", 2): 10.0, ("loca
 DS_COEFF = {2: 2.5, 6: 2.5, 10: 0.05}
 KL_COEFF = {"e2e": 1.0, "e2e_ds": 0.5}
 KINDS = ("local", "e2e", "e2e_ds")
+# the paper's TinyStories-1M recipe: what a flag not on the command line takes when --model is TinyStories-1M
+# (model.is_tinystories_1m). lr and n_samples are per kind, β (--ds_coeff) 1000 for e2e_ds; the KL coefficients are
+# the usual 1.0 / 0.5. λ: the paper gives none. local 0.01 and e2e 3 are the reference implementation's own
+# TinyStories-1M configs (layer 4, ratio 50); e2e_ds 50 is our estimate, e2e's 3 times GPT-2's e2e_ds / e2e ratio
+# at layer 6 (50 / 3). Sweep them: --l1 local=0.005,0.01,0.02 e2e=1.5,3,6 e2e_ds=25,50,100.
+TINYSTORIES = dict(dataset="apollo-research/roneneldan-TinyStories-tokenizer-gpt2", ctx=512, dict_ratio=50.0, layer="4",
+                   batch_size=20, grad_accum=1, warmup_samples=20_000, grad_clip=1.0)
+TINYSTORIES_PER_KIND = dict(lr=dict(local=1e-2, e2e=1e-3, e2e_ds=1e-3),
+                            n_samples=dict(local=400_000, e2e=450_000, e2e_ds=250_000),
+                            l1=dict(local=0.01, e2e=3.0, e2e_ds=50.0))
+TINYSTORIES_HELP = """TinyStories-1M (--model roneneldan/TinyStories-1M, or a local folder whose config.json is a gpt_neo of
+8 layers with d_model 64): every flag not given takes the paper's TinyStories recipe instead of the GPT-2
+defaults above: --dataset apollo-research/roneneldan-TinyStories-tokenizer-gpt2 --ctx 512 --dict_ratio 50
+--layer 4 --batch_size 20 --grad_accum 1 --warmup_samples 20000 --grad_clip 1.0, --ds_coeff 1000 (e2e_ds);
+per kind --lr local 1e-2, e2e and e2e_ds 1e-3; --n_samples local 400k, e2e 450k, e2e_ds 250k; --l1 local 0.01,
+e2e 3 (the reference implementation's TinyStories configs), e2e_ds 50 (an estimate: 3 x GPT-2's e2e_ds/e2e
+ratio at layer 6). A sweep mixing kinds whose recipe --lr or --n_samples differ must give that flag."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -110,6 +128,7 @@ parser.add_argument("--no_kl_share", action="store_true", help="with several e2e
 parser.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
 parser.add_argument("--seed", type=int, default=0, help="SAE init and batch order")
 parser.error = lambda msg: sys.exit(f"train.py: error: {msg}")  # one line, no usage dump
+parser.epilog = TINYSTORIES_HELP
 
 
 def nearest_paper_layer(layer):
@@ -182,6 +201,35 @@ def plan_runs(args):
     return runs
 
 
+def model_defaults(args, argv=None):
+    """The flags not on the command line take the TinyStories recipe (TINYSTORIES) when --model is TinyStories-1M;
+    for any other model, or with --resume (the checkpoint holds the run's values), nothing changes. A kind with
+    no λ in --l1 gets the recipe's; lr and n_samples come from the kinds trained, which must agree."""
+    from model import is_tinystories_1m
+    if args.resume or not is_tinystories_1m(args.model):
+        return
+    unset = object()  # argparse leaves a flag that is not on the command line at what the namespace holds
+    given = vars(parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset))))
+    for k, v in TINYSTORIES.items():
+        if given[k] is unset:
+            setattr(args, k, v)
+    kinds = [k for k in split_list("--loss", args.loss, str) if k in KINDS]  # plan_runs names a bad one
+    for k in ("lr", "n_samples"):
+        values = {TINYSTORIES_PER_KIND[k][kind] for kind in kinds}
+        if given[k] is unset and len(values) > 1:
+            each = ", ".join(f"{kind} {TINYSTORIES_PER_KIND[k][kind]:g}" for kind in kinds)
+            raise ValueError(f"--loss {args.loss} on TinyStories-1M: the recipe's --{k} differs by kind ({each}); "
+                             f"give --{k}, or train one kind per run")
+        if given[k] is unset and values:
+            setattr(args, k, values.pop())
+    if "e2e_ds" in kinds and args.ds_coeff is None:
+        args.ds_coeff = 1000.0
+    tokens = [str(t) for t in args.l1 or []]
+    if all("=" in t for t in tokens):  # none given, or KIND=LIST tokens: the kinds left out get the recipe's λ
+        named = {t.split("=", 1)[0] for t in tokens}
+        args.l1 = tokens + [f"{kind}={TINYSTORIES_PER_KIND['l1'][kind]:g}" for kind in kinds if kind not in named] or None
+
+
 def parse_args(argv=None):
     """(args, runs, the checkpoint in --out_dir or None, the --init_from source's (SAE, cfg) or None). With
     --resume the folder must hold a checkpoint, and every flag not on the command line takes the run's value;
@@ -192,15 +240,16 @@ def parse_args(argv=None):
     unset = object()  # argparse leaves a flag that is not on the command line at what the namespace holds
     given = {k for k, v in vars(parser.parse_args(argv, namespace=argparse.Namespace(
         **dict.fromkeys(vars(args), unset)))).items() if v is not unset}
-    init = None
+    init, adopted = None, {}
     if args.init_from and not args.resume:
         from interop import load_any
         src, cfg, _ = load_any(args.init_from)
         init = (src, cfg)
-        for k, v in dict(layer=str(cfg["layer"]), dict_ratio=src.n_dict / src.d, model=cfg.get("model"),
-                         no_center=not cfg["center"]).items():
-            if k not in given and v is not None:
-                setattr(args, k, v)
+        adopted = {k: v for k, v in dict(layer=str(cfg["layer"]), dict_ratio=src.n_dict / src.d, model=cfg.get("model"),
+                                         no_center=not cfg["center"]).items() if k not in given and v is not None}
+        vars(args).update(adopted)
+    model_defaults(args, argv)
+    vars(args).update(adopted)  # the source's own layer, size and model win over a recipe's defaults
     if args.out_dir is None:
         one = len(plan_runs(args)) == 1
         args.out_dir = os.path.join("out", f"{args.loss}_L{args.layer}" if one else

@@ -44,6 +44,25 @@ def write_tiny_gpt2(path, n_layer=3, n_embd=32, n_head=4, n_positions=64, seed=0
     return m
 
 
+def write_tiny_gpt_neo(path, seed=0, safe=True, **kw):
+    """A random GPTNeoForCausalLM of TinyStories-1M's shape (8 layers, d 64, 16 heads, global / local attention
+    with window 256, context 2048), written by save_pretrained; kw overrides the config."""
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    torch.manual_seed(seed)
+    cfg = GPTNeoConfig(**dict(dict(num_layers=8, hidden_size=64, num_heads=16, window_size=256, vocab_size=50257,
+                                   attention_types=[[["global", "local"], 4]], max_position_embeddings=2048), **kw))
+    m = GPTNeoForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial LayerNorms and biases; sharp attention, so the window and scale show
+        for n, p in m.named_parameters():
+            if "ln" in n or "bias" in n:
+                p.add_(0.1 * torch.randn_like(p))
+            if n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10.0)
+    m.save_pretrained(path, safe_serialization=safe)
+    return m
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny-gpt2"))
@@ -56,3 +75,10 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "input.txt"
     path.write_text(make_text(12000))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def neo_model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny-gpt-neo"))
+    write_tiny_gpt_neo(path)
+    return path

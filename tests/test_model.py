@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model import GPT
-from conftest import write_tiny_gpt2
+from conftest import write_tiny_gpt2, write_tiny_gpt_neo
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,88 @@ def test_bad_model_inputs(tmp_path, tiny_model_dir):
     model = GPT.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="above the model's context"):
         model.forward_to_layer(torch.zeros(1, 65, dtype=torch.long), 0)
+
+
+# ----------------------------------------------------------------------------- GPT-Neo (TinyStories-1M's shape)
+
+@pytest.fixture(scope="module")
+def neo_ref(neo_model_dir):
+    """transformers' logits at ctx 512 (twice the local window) on the random TinyStories-shaped GPT-Neo."""
+    from transformers import GPTNeoForCausalLM
+    hf = GPTNeoForCausalLM.from_pretrained(neo_model_dir).eval()
+    idx = torch.randint(0, 50257, (1, 512), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(idx).logits
+    return ref, idx
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_gpt_neo_logits_match_transformers(neo_model_dir, neo_ref, center):
+    ref, idx = neo_ref
+    model = GPT.from_pretrained(neo_model_dir, center=center)
+    c = model.config
+    assert (c.n_layer, c.n_embd, c.n_head, c.window_size, c.qkv_bias, c.scale_attn) == (8, 64, 16, 256, False, False)
+    assert c.attention_layers == ("global", "local") * 4
+    assert [b.attn.window for b in model.transformer.h] == [None, 256] * 4
+    with torch.no_grad():
+        logits = model(idx)
+        assert logits.shape == ref.shape
+        assert (logits - ref).abs().max().item() <= 1e-4
+        for b in model.transformer.h[1::2]:  # the check sees the window: one key more or less is a failure
+            b.attn.window = 257
+        assert (model(idx) - ref).abs().max().item() > 1e-4
+
+
+def test_gpt_neo_splice_identity_and_centring(neo_model_dir, neo_ref):
+    _, idx = neo_ref
+    model = GPT.from_pretrained(neo_model_dir)
+    n_layer = model.config.n_layer
+    with torch.no_grad():
+        full = model(idx)
+        logits, _ = model.forward_from_layer(model.forward_to_layer(idx, 4), 4)
+        assert torch.equal(logits, full)
+        idx = idx[:, :300]  # still past the window; every layer
+        clean = [model.forward_to_layer(idx, 0)]
+        for block in model.transformer.h:
+            clean.append(block(clean[-1]))
+        for L in range(n_layer):
+            x = model.forward_to_layer(idx, L)
+            assert torch.equal(x, clean[L])
+            assert x.mean(-1).abs().max().item() < 1e-5  # centred residual (TransformerLens's GPT-Neo processing)
+            none, resids = model.forward_from_layer(x, L, logits=False)
+            assert none is None and len(resids) == n_layer - L
+            for r, c in zip(resids, clean[L + 1:]):
+                assert torch.equal(r, c)
+    assert model.lm_head.weight is model.transformer.wte.weight and not any(p.requires_grad for p in model.parameters())
+
+
+def test_gpt_neo_pytorch_model_bin_with_old_buffers(tmp_path):
+    """An older GPT-Neo checkpoint: pytorch_model.bin, with the attention mask buffers saved among the weights."""
+    from safetensors.torch import load_file
+    d = tmp_path / "neo"
+    hf = write_tiny_gpt_neo(str(d), seed=1).eval()
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    sd.update({f"transformer.h.{i}.attn.attention.bias": torch.ones(1, 1, 4, 4, dtype=torch.bool) for i in range(8)})
+    torch.save(sd, str(d / "pytorch_model.bin"))
+    idx = torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (GPT.from_pretrained(str(d))(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_gpt_neo_bad_configs(tmp_path, neo_model_dir):
+    import json, shutil
+    cfg = json.loads(open(f"{neo_model_dir}/config.json").read())
+    for change, words in ((dict(model_type="llama"), "model_type 'llama'; supported: 'gpt2', 'gpt_neo'"),
+                          (dict(attention_types=[[["global", "sparse"], 4]]), "attention type 'sparse'; only 'global' and 'local'"),
+                          (dict(attention_types=[[["global", "local"], 3]]), "give 6 layers, num_layers is 8"),
+                          (dict(activation_function="relu"), "activation 'relu'; only the tanh GELU"),
+                          (dict(tie_word_embeddings=False), "untied"),
+                          (dict(num_heads=5), "not a multiple of its 5 heads")):
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(neo_model_dir, bad)
+        (bad / "config.json").write_text(json.dumps(dict(cfg, **change)))
+        with pytest.raises(ValueError) as e:
+            GPT.from_pretrained(str(bad))
+        assert words in str(e.value) and len(str(e.value).splitlines()) == 1, e.value

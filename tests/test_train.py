@@ -97,7 +97,7 @@ BAD = [  # (override, words the one-line message must contain); {tmp} is the bad
     (dict(loss="e2e_ds", layer=2), ["no later layer"]),
     (dict(model="MISSING/dir/model"), ["MISSING/dir/model", "does not exist"]),
     (dict(model="no-such-model"), ["'no-such-model'", "neither a local folder nor a reachable hub repo"]),
-    (dict(model="{tmp}/llama"), ["model_type 'llama'", "only 'gpt2'"]),
+    (dict(model="{tmp}/llama"), ["model_type 'llama'", "supported: 'gpt2', 'gpt_neo'"]),
     (dict(model="{tmp}/nan-gpt2"), ["non-finite weights", "h.0.mlp.c_fc.weight"]),
     (dict(dataset="MISSING.txt"), ["MISSING.txt", "does not exist"]),
     (dict(dataset="{tmp}/empty.txt"), ["empty.txt", "fewer than ctx = 32 tokens"]),
