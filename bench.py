@@ -126,7 +126,8 @@ def measure(args, loss, path):
     """One (loss, path) measurement in this process (path: fast, naive or sweep); returns the JSON dict."""
     from model import GPT, GPTConfig
     from sae import SAE
-    from train import KL_COEFF, loss_step, shared_passes
+    from sweep import KL_COEFF
+    from train import loss_step, shared_passes
     device = args.device
     torch.manual_seed(0)
     cfg = neo_config(args) if args.arch == "gpt_neo" else GPTConfig(

@@ -117,7 +117,8 @@ def test_ds_layers_losses_by_hand(tiny_model_dir):
     shared passes keep no clean residual that no SAE reads."""
     from model import GPT
     from sae import SAE
-    from train import loss_step, parse_ds_layers, shared_passes
+    from sweep import parse_ds_layers
+    from train import loss_step, shared_passes
     from losses import downstream_mse, mse_loss
     model = GPT.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
