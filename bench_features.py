@@ -10,10 +10,12 @@ collect writes a random GPT-2 (transformers' GPT2Config() defaults: 12 layers, d
 save_pretrained, a random SAE (sae.save_sae, untrained: about half its features fire on every token, the
 dense worst case for the histograms) and a text file of random words under --tmp, then runs features.py on
 them in a fresh process and prints its tokens/s (the collection loop: the model to layer L, the encoder,
-the top-k, the histograms) and that process's peak RSS (getrusage of children).
-page writes a synthetic index.html with --page_rows rows per page and again with every row on one page, and
-reports the time from navigation start to the rendered table (the page's own data-render-ms) and the wall
-time of a whole headless Chromium run (start, load, render, dump, exit), the median of --repeat runs each.
+the top-k, the histograms) and that process's peak RSS (getrusage of children); then, for scale, the tokens/s
+of the model's forward to layer L alone on batches of the same shape.
+page writes a synthetic index.html with --page_rows rows per page (opened as is, and as #sort=2: all rows sorted
+by their max first), again with every row on one page, and a view file of PER features, and
+reports the time from navigation start to the table built and laid out (the page's own data-render-ms) and the
+wall time of a whole headless Chromium run (start, load, render, dump, exit), the median of --repeat runs each.
 """
 import argparse
 import json
@@ -76,13 +78,21 @@ def collect(tmp, n_tokens, ratio, layer, batch_size, device, l0):
            "--batch_size", str(batch_size), "--device", device]
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = round(time.time() - t0, 1)
     if p.returncode:
         sys.exit(p.stdout + p.stderr)
     meta = json.load(open(os.path.join(out, "site.json")))
     print(p.stdout.strip().splitlines()[0])
+    gpt, idx = GPT.from_pretrained(model).to(device), torch.randint(0, 50257, (batch_size, 1024), device=device)
+    with torch.no_grad():                                 # the model's own share: its forward to layer L alone
+        gpt.forward_to_layer(idx, layer)
+        t1 = time.time()
+        for _ in range(3):
+            gpt.forward_to_layer(idx, layer)
+    forward = round(3 * idx.numel() / (time.time() - t1))
     print(json.dumps(dict(tokens=meta["tokens"], n_dict=meta["n_dict"], layer=layer, l0=round(meta["l0"], 1),
-                          tokens_per_s=meta["tokens_per_s"],
-                          collect_s=meta["seconds"], wall_s=round(time.time() - t0, 1), alive=meta["alive"],
+                          tokens_per_s=meta["tokens_per_s"], forward_only_tokens_per_s=forward,
+                          collect_s=meta["seconds"], wall_s=wall, alive=meta["alive"],
                           peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))))
 
 
@@ -92,24 +102,31 @@ def page(tmp, n, page_rows, repeat):
     dead = set(rng.choice(n, n // 20, replace=False).tolist())
     r3 = features.r3
     rows = [[i, r3(10 ** rng.uniform(-5, -1)), r3(rng.uniform(1, 20)), r3(rng.uniform(0.2, 5)),
-             [[words[j], features.r3(rng.uniform(0.1, 1))] for j in rng.integers(0, len(words), 3)]]
+             [[words[j], r3(rng.uniform(0.1, 1))] for j in rng.integers(0, len(words), 3)]]
             for i in range(n) if i not in dead]
     meta = dict(title="synthetic", loss="e2e_ds", layer=6, n_dict=n, alive=len(rows), tokens=1_000_000, dataset="none")
+    tok = lambda: [[words[j], r3(rng.uniform(-1, 1))] for j in rng.integers(0, len(words), 10)]
+    view = [dict(id=i, freq=0.01, n=10_000, max=5.0, q=[1.0, 2.0, 4.0], hi=8.0, hist=rng.integers(0, 999, 128).tolist(),
+                 pro=tok(), sup=tok(), ctx=[dict(row=0, pos=12, m=12, t=[w for w, _ in tok() + tok()][:17],
+                                                 a=[r3(a) for a in rng.uniform(0, 5, 17)]) for _ in range(20)])
+            for i in range(features.PER)]                   # a view file of PER features, 20 contexts of 17 tokens
+    features.page(os.path.join(tmp, "f", "0000.html"), "synthetic", dict(kind="features", meta=meta, features=view))
     res = {}
-    for per_page in (page_rows, len(rows)):
-        path = os.path.join(tmp, f"index_{per_page}.html")
-        features.page(path, "synthetic", dict(kind="index", meta=meta, rows=rows, per=features.PER, page=per_page,
-                                              dead=features.ranges(sorted(dead)), n_dead=len(dead)))
+    for per_page, sort in ((page_rows, ""), (page_rows, "#sort=2"), (len(rows), ""), ("view", "#7")):
+        path = os.path.join(tmp, f"index_{per_page}.html" if per_page != "view" else "f/0000.html")
+        if per_page != "view":
+            features.page(path, "synthetic", dict(kind="index", meta=meta, rows=rows, per=features.PER, page=per_page,
+                                                  dead=features.ranges(sorted(dead)), n_dead=len(dead)))
         render, wall = [], []
         for _ in range(repeat):
             t0 = time.time()
-            dom = chromium("file://" + os.path.abspath(path))
+            dom = chromium("file://" + os.path.abspath(path) + sort)
             wall.append(time.time() - t0)
             render.append(int(re.search(r'data-render-ms="(\d+)"', dom).group(1)))
-        res[f"rows_per_page_{per_page}"] = dict(shown_rows=dom.count("<tr data-feature="),
-                                                render_ms=int(np.median(render)),
-                                                chromium_wall_s=round(float(np.median(wall)), 2),
-                                                html_mb=round(os.path.getsize(path) / 1e6, 1))
+        name = "feature_view" if per_page == "view" else f"rows_per_page_{per_page}" + ("_sorted_by_max" * bool(sort))
+        res[name] = dict(
+            shown_rows=dom.count("<tr data-feature="), render_ms=int(np.median(render)),
+            chromium_wall_s=round(float(np.median(wall)), 2), html_mb=round(os.path.getsize(path) / 1e6, 1))
     print(json.dumps(dict(features=n, alive=len(rows), **res)))
 
 
