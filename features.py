@@ -14,7 +14,7 @@ training). For feature i at token t, c_i(t) = ReLU(W_e[i]·x_t + b_e[i]) with x_
     max_i       max_t c_i(t)
     contexts    the k rows with the largest row maximum of c_i (one context per row, rows where it fired),
                 each shown as the tokens from --before to --after around that row's argmax, with c_i at each
-                (recomputed from x for those positions only, by the same formula)
+                (recomputed by the same formula from x of that row when the row enters the top k)
     hist_i      BINS bins over [0, hi_i) of the nonzero c_i(t), hi_i the smallest power of two above max_i.
                 When a larger value arrives hi_i doubles and bin pairs merge; powers of two make this exact,
                 the same histogram as one made over the final range in one go. Quantiles 50/90/99% of the
@@ -81,9 +81,9 @@ def add_hist(hist, hi, c, m=None):
 
 @torch.no_grad()
 def merge_top(s, rmax, rpos, row_ids, x, sae, offsets):
-    """Merge one batch's row maxima rmax (B, F) at rpos (B, F) into the running top-k s; compute the window
-    activations of the entries that came in from x (B, T, C)."""
-    k, F = s["val"].shape
+    """Merge one batch's row maxima rmax (B, F) at rpos (B, F) into the running top-k s. The entries that came in
+    get their windows from x (B, T, C): c_f over their row by one matmul per row, then the window positions."""
+    k = s["val"].size(0)
     cand = torch.where(rmax > 0, rmax, -1.0)                              # rows where it never fired stay out
     val, j = torch.cat([s["val"], cand]).topk(k, dim=0)                   # (k, F), j indexes old then new
     new = j >= k
@@ -94,13 +94,15 @@ def merge_top(s, rmax, rpos, row_ids, x, sae, offsets):
     s["pos"] = torch.cat([s["pos"], rpos]).gather(0, j)
     s["win"] = s["win"].gather(0, j.clamp_max(k - 1)[..., None].expand_as(s["win"]))
     slot, f = new.nonzero(as_tuple=True)
-    T = x.size(1)
-    for a in range(0, len(f), 1024):                                      # (1024, W, C) at a time
-        sl, ff = slot[a:a + 1024], f[a:a + 1024]
-        pos = s["pos"][sl, ff][:, None] + offsets                          # (n, W)
-        xs = x[(j[sl, ff] - k)[:, None], pos.clamp(0, T - 1)]             # (n, W, C)
-        act = torch.relu(torch.einsum("nwc,nc->nw", xs, sae.encoder.weight[ff]) + sae.encoder.bias[ff, None])
-        s["win"][sl, ff] = torch.where((pos >= 0) & (pos < T), act, float("nan"))
+    b, T = j[slot, f] - k, x.size(1)                                      # the batch row each came from
+    for r in b.unique().tolist():                                         # per row: a matmul, not (n, W, C) gathers
+        idx = (b == r).nonzero().squeeze(1)
+        for a in range(0, len(idx), 2048):
+            sl, ff = slot[idx[a:a + 2048]], f[idx[a:a + 2048]]
+            c = torch.relu(torch.addmm(sae.encoder.bias[ff], x[r], sae.encoder.weight[ff].T))  # (T, n): row r's c_f
+            pos = s["pos"][sl, ff][None, :] + offsets[:, None]               # (W, n)
+            act = c.gather(0, pos.clamp(0, T - 1))
+            s["win"][sl, ff] = torch.where((pos >= 0) & (pos < T), act, float("nan")).T
 
 
 @torch.no_grad()
