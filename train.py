@@ -361,6 +361,9 @@ def main():
         import wandb
         wandb_id = wandb.init(project=args.wandb_project, config=vars(args), id=wandb_id, resume="allow").id
 
+    def tag(s, sep):  # a sweep's lines and W&B keys name their SAE
+        return s.r.name + sep if sweep else ""
+
     def sync_fired():  # collective: every process calls it at the same step
         for s in saes if ddp else []:
             dist.all_reduce(s.fired)
@@ -403,11 +406,11 @@ def main():
             if args.local_frac > 0:  # which loss trained the SAE up to here; the switch's own eval marked
                 m.update(phase="local" if step <= switch else s.r.loss, **({"switch": True} if step == switch else {}))
             append_eval_log(os.path.join(s.r.out_dir, "eval.jsonl"), m)
-            print(f"eval step {step} | {s.r.name + ' | ' if sweep else ''}l0 {m['l0']:.2f} | alive {m['alive']} | "
+            print(f"eval step {step} | {tag(s, ' | ')}l0 {m['l0']:.2f} | alive {m['alive']} | "
                   f"ce +{m['ce_increase']:.4f} | kl {m['kl']:.4f} | mse {m['mse']:.4g} | "
                   f"ev {m['explained_variance']:.3f}", flush=True)
             if args.wandb:
-                wandb.log({f"eval/{s.r.name + '/' if sweep else ''}{k}": v for k, v in m.items()
+                wandb.log({f"eval/{tag(s, '/')}{k}": v for k, v in m.items()
                            if not isinstance(v, list)}, step=step)
             s.fired.zero_()  # alive_train counts features fired since the last eval
 
@@ -422,7 +425,7 @@ def main():
         else:
             s.bad += 1
             if master:
-                print(f"step {step:5d} | {s.r.name + ' | ' if sweep else ''}non-finite loss {logs['loss'].item():.4g} "
+                print(f"step {step:5d} | {tag(s, ' | ')}non-finite loss {logs['loss'].item():.4g} "
                       f"or grad norm {norm.item():.4g}: skipped ({s.bad} in a row)", flush=True)
         s.optimizer.zero_grad(set_to_none=True)
 
@@ -435,17 +438,18 @@ def main():
             logs = dict(zip(logs, vals.tolist()))
             line = " | ".join(f"{k} {v:.4g}" for k, v in logs.items() if k != "loss")
             eta = dt * (steps - step - 1)
-            print(f"step {step:5d}/{steps} | {s.r.name + ' | ' if sweep else ''}loss {logs['loss']:.4f} | {line} | "
+            print(f"step {step:5d}/{steps} | {tag(s, ' | ')}loss {logs['loss']:.4f} | {line} | "
                   f"alive {int((s.fired > 0).sum())} | lr {s.optimizer.param_groups[0]['lr']:.2e} | "
                   f"{dt * 1000:.0f}ms | {eff_batch * args.ctx / dt / 1000:.1f}k tok/s | {fmt_time(elapsed)} | "
                   f"eta {fmt_time(eta)}", flush=True)
             if args.wandb:
-                wandb.log({f"train/{s.r.name + '/' if sweep else ''}{k}": v for k, v in logs.items()}, step=step)
+                wandb.log({f"train/{tag(s, '/')}{k}": v for k, v in logs.items()}, step=step)
 
     def signalled():  # collective: did any process get SIGTERM / SIGINT (one verdict for all)
+        if not ddp:
+            return bool(stop)
         flag = torch.tensor(float(bool(stop)), device=device)
-        if ddp:
-            dist.all_reduce(flag)
+        dist.all_reduce(flag)
         return flag.item() > 0
 
     def stop_nonfinite():  # each SAE is that of its last good step: skipped steps change nothing
