@@ -239,6 +239,9 @@ class SAERun:
         return argparse.Namespace(**dict(vars(self.r), loss="local", l1=self.r.local_l1, kl_coeff=0.0, ds_coeff=0.0))
 
 
+REPORT_GRACE_S = 20  # how long a failed rank > 0 leaves rank 0 to report the same error
+
+
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -303,7 +306,13 @@ def main():
     try:
         args, runs, ckpt, init, device, model, (eval_rows, train_rows, data) = setup(rank, world)
     except (ValueError, OSError) as e:
-        sys.exit(f"train.py: error: {e}" if master else 1)
+        if master:
+            sys.exit(f"train.py: error: {e}")
+        # the same check fails on rank 0 (same arguments), which reports it and ends the job while this
+        # process waits; an error of this process alone (its disk, its GPU) is reported after the wait.
+        # Exiting at once would let torchrun kill rank 0 before it printed anything.
+        time.sleep(REPORT_GRACE_S)
+        sys.exit(f"train.py: error (process {rank}): {e}")
     if ddp:
         import torch.distributed as dist
     from data import eval_batches, get_batch, sample_rows
