@@ -8,9 +8,13 @@ Sources: a hub dataset (streamed with `datasets`), or a local .txt / .jsonl / .p
 of them. A pre-tokenised source has an `input_ids` column; a text source has a `text` column (a .txt
 file is one document) and is tokenised with tiktoken's GPT-2 encoding. Documents are joined with EOS
 (no BOS), the stream is cut into rows of ctx tokens and the remainder dropped, as in the paper.
+Every record is checked as it is read: an object with the first record's column, text a string, token ids
+integers in 0..65535 (and, by load_split, inside the model's vocabulary); anything else is a ValueError
+naming the file and its line (.jsonl, from 1) or row (.parquet, from 0), as is a file that is not UTF-8.
 
 Tokens are written once to a uint16 file in the cache folder (nanoGPT style) and read back as a
-np.memmap (R, ctx); a second run on the same source and ctx reuses it.
+np.memmap (R, ctx); a second run on the same source and ctx reuses it once its length and SHA-1 match
+the record written with it (token_cache.py), else rebuilds it.
 """
 import functools
 import glob
@@ -19,6 +23,8 @@ import json
 import os
 
 import numpy as np
+
+from token_cache import read_record, write_cache
 
 EOT = 50256  # GPT-2's <|endoftext|>
 EXTS = (".txt", ".jsonl", ".parquet")
@@ -47,46 +53,118 @@ def _local_files(source):
     return [source]
 
 
+def _not_utf8(path):
+    """The ValueError for a file that is not UTF-8: its first bad line and byte, and what to do."""
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(f"{path} line {i} is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                                  f"convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > NEW")
+    return ValueError(f"{path} is not UTF-8 text; convert it to UTF-8")
+
+
 def _records(path):
-    """Yield dicts with 'text' or 'input_ids' from one local file."""
+    """Yield (where, record) from one local file: where names the file and the record's line (.jsonl, from 1)
+    or row (.parquet, from 0), for the one-line errors of _documents."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            yield {"text": f.read()}
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+        yield path, {"text": text}
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
-                        raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+        try:
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            r = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{path} line {i} is not JSON ({e.msg}, column {e.colno})") from None
+                        yield f"{path} line {i}", r
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
     else:
         import pyarrow.parquet as pq
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        except Exception as e:  # pyarrow's ArrowInvalid names no file
+            raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]})") from None
+        row = 0
+        for batch in batches:
+            for r in batch.to_pylist():
+                yield f"{path} row {row}", r
+                row += 1
 
 
-def _documents(records, source):
-    """Token lists, one per document (EOS appended), from records with an input_ids or text column."""
-    enc, column = None, None
-    for r in records:
+def _kind(v):
+    """What a value is, in JSON's words (the words a .jsonl file's author knows)."""
+    return {dict: "an object", list: "an array", tuple: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _token_ids(ids, where):
+    """ids checked: a list of integer token ids, each inside what the uint16 cache holds (0 <= id < 2^16);
+    ValueError naming where and the first bad id otherwise (a float, a negative id or a boolean would be
+    truncated or wrapped without a word)."""
+    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
+        arr = ids.astype(np.int64)
+    else:
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"{where}: 'input_ids' is {_kind(ids)}; expected a list of integer token ids")
+        bad = next((i for i, t in enumerate(ids) if type(t) is not int), None) \
+            if not set(map(type, ids)) <= {int} else None  # the set: one pass in C for the usual all-int row
+        if bad is not None:
+            raise ValueError(f"{where}: 'input_ids' holds {_kind(ids[bad])} ({ids[bad]!r}) at position {bad}; "
+                             f"expected integer token ids")
+        try:
+            arr = np.asarray(ids, dtype=np.int64)
+        except OverflowError:
+            arr = np.asarray([min(max(t, -1), 2 ** 16) for t in ids], dtype=np.int64)
+    out = np.flatnonzero((arr < 0) | (arr >= 2 ** 16))
+    if out.size:
+        raise ValueError(f"{where}: token id {ids[out[0]]} at position {out[0]} is outside 0..65535 (token ids are "
+                         f"non-negative and the token cache holds them as uint16)")
+    return arr.tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
+def _documents(records):
+    """(where, token list) per document (EOS appended), from (where, record) pairs: every record an object with
+    the column the first one has, 'input_ids' (a list of token ids) or 'text' (a string). ValueError naming
+    the file and line / row of the first record that is not."""
+    enc, column, first = None, None, None
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} is {_kind(r)}, not an object with a 'text' or 'input_ids' field")
         if column is None:
             column = "input_ids" if "input_ids" in r else "text" if "text" in r else None
             if column is None:
-                raise ValueError(f"dataset {source!r} has columns {sorted(r)}; need 'input_ids' or 'text'")
+                raise ValueError(f"{where} has columns {sorted(r)}; need 'input_ids' or 'text'")
+            first = where
+        if column not in r:
+            other = "text" if column == "input_ids" else "input_ids"
+            raise ValueError(f"{where} has no {column!r} (it has {sorted(r)}), which the first record ({first}) has: "
+                             + ("a source is all text or all token ids, not both" if other in r
+                                else "every record needs it"))
         if column == "input_ids":
-            yield list(r["input_ids"])  # pre-tokenised rows already hold the EOS between documents
+            yield where, _token_ids(r["input_ids"], where)  # pre-tokenised rows already hold the EOS between documents
         else:
+            if not isinstance(r["text"], str):
+                raise ValueError(f"{where}: 'text' is {_kind(r['text'])}; expected a string")
             enc = enc or _tokenizer()
-            yield enc.encode_ordinary(r[column]) + [EOT]
+            yield where, enc.encode_ordinary(r["text"]) + [EOT]
 
 
 def _source_records(source):
-    """(records iterator, cache key material) for a local path or a hub dataset name."""
+    """(iterator of (where, record), cache key material, local) for a local path or a hub dataset name."""
     if os.path.exists(source):
         files = _local_files(source)
         stamp = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
-        return (r for f in files for r in _records(f)), json.dumps(stamp), True
+        return ((w, r) for f in files for w, r in _records(f)), json.dumps(stamp), True
     if source.startswith((".", "/", "~")) or source.endswith(EXTS):
         raise ValueError(f"dataset path {source!r} does not exist")
     import datasets
@@ -95,7 +173,7 @@ def _source_records(source):
     except Exception as e:  # offline, unknown name: one line, not a traceback
         raise ValueError(f"dataset {source!r} is neither a local path nor a reachable hub dataset "
                          f"({type(e).__name__})") from None
-    return iter(ds), source, False
+    return ((f"dataset {source!r} row {i}", r) for i, r in enumerate(ds)), source, False
 
 
 def load_rows(source, ctx, n_rows=None, cache_dir=DEFAULT_CACHE):
@@ -104,40 +182,12 @@ def load_rows(source, ctx, n_rows=None, cache_dir=DEFAULT_CACHE):
     records, key_src, local = _source_records(source)
     key = hashlib.sha1(f"{key_src}|{ctx}".encode()).hexdigest()[:16]
     os.makedirs(cache_dir, exist_ok=True)
-    bin_path, meta_path = os.path.join(cache_dir, f"{key}.bin"), os.path.join(cache_dir, f"{key}.json")
-    if os.path.exists(meta_path) and os.path.exists(bin_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta["complete"] or (n_rows is not None and meta["rows"] >= n_rows):
-            rows = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["rows"], ctx))
-            return rows if local or n_rows is None else rows[:n_rows]  # the same rows, however far it was streamed
-    rows, complete, buf, tmp = 0, True, [], bin_path + f".tmp{os.getpid()}"
-    try:  # a failure midway (no tokenizer, a bad token id) leaves no temp file in the cache
-        with open(tmp, "wb") as f:
-            for tokens in _documents(records, source):
-                buf.extend(tokens)
-                if len(buf) >= ctx:
-                    n = len(buf) // ctx
-                    if n_rows is not None and not local:
-                        n = min(n, n_rows - rows)
-                    arr = np.asarray(buf[:n * ctx], dtype=np.int64)
-                    if arr.size and arr.max() >= 2 ** 16:
-                        raise ValueError(f"dataset {source!r} has token id {arr.max()}, above what uint16 holds")
-                    f.write(arr.astype(np.uint16).tobytes())
-                    rows, buf = rows + n, buf[n * ctx:]
-                if n_rows is not None and not local and rows >= n_rows:
-                    complete = False
-                    break
-    except BaseException:
-        os.remove(tmp)
-        raise
-    if rows == 0:
-        os.remove(tmp)
-        raise ValueError(f"dataset {source!r} holds fewer than ctx = {ctx} tokens")
-    os.replace(tmp, bin_path)
-    with open(meta_path + f".tmp{os.getpid()}", "w") as f:  # whole or absent for a run reading it meanwhile
-        json.dump(dict(source=source, ctx=ctx, rows=rows, complete=complete), f)
-    os.replace(f.name, meta_path)
+    bin_path = os.path.join(cache_dir, f"{key}.bin")
+    meta = read_record(bin_path, ctx)
+    if meta is not None and (meta["complete"] or (n_rows is not None and meta["rows"] >= n_rows)):
+        rows = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["rows"], ctx))
+        return rows if local or n_rows is None else rows[:n_rows]  # the same rows, however far it was streamed
+    rows = write_cache(bin_path, (tokens for _, tokens in _documents(records)), source, ctx, None if local else n_rows)
     return np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(rows, ctx))
 
 
@@ -146,6 +196,24 @@ def split_rows(rows, n_eval):
     if n_eval >= len(rows):
         raise ValueError(f"dataset has {len(rows)} rows of tokens; eval_samples = {n_eval} leaves none for training")
     return rows[:n_eval], rows[n_eval:]
+
+
+def check_vocab(rows, source, vocab_size):
+    """ValueError unless every token id in rows (R, ctx) is inside the model's vocabulary, naming the first
+    one outside it and where it is: a local source is read again to find its file and line / row (an error
+    path only); for a hub dataset, its token row."""
+    top = int(rows.max()) if len(rows) else 0
+    if top < vocab_size:
+        return
+    if os.path.exists(source):
+        for where, tokens in _documents(_source_records(source)[0]):
+            bad = np.flatnonzero(np.asarray(tokens) >= vocab_size)
+            if bad.size:
+                raise ValueError(f"{where}: token id {tokens[bad[0]]} at position {bad[0]} is outside the model's "
+                                 f"vocabulary of {vocab_size}")
+    r, c = divmod(int(np.argmax(np.asarray(rows).reshape(-1) >= vocab_size)), rows.shape[1])
+    raise ValueError(f"dataset {source!r} has token id {int(rows[r, c])} (token row {r}, position {c}), outside "
+                     f"the model's vocabulary of {vocab_size}")
 
 
 def row_hashes(rows, chunk=4096):
@@ -177,9 +245,7 @@ def load_split(source, ctx, n_eval, n_train, vocab_size, cache_dir=DEFAULT_CACHE
     The fingerprint, dict(rows, fingerprint), tells a resumed run whether it reads the same tokens."""
     rows = load_rows(source, ctx, n_rows=n_eval + n_train, cache_dir=cache_dir)
     eval_rows, train_rows = split_rows(rows, n_eval)
-    if int(rows.max()) >= vocab_size:
-        raise ValueError(f"dataset {source!r} has token id {int(rows.max())}, outside the model's vocabulary "
-                         f"of {vocab_size}")
+    check_vocab(rows, source, vocab_size)
     hashes = row_hashes(rows)
     overlap = _find_overlap(eval_rows, train_rows, hashes[:n_eval], hashes[n_eval:])
     if overlap:

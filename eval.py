@@ -245,9 +245,9 @@ def prepare(source, model_name=None, dataset=None, ctx=None, eval_samples=None, 
         raise ValueError(f"--ctx {ctx} is above model {name!r}'s context of {c.n_positions}")
     eval_rows, extra, held_out, notes = plan_rows(cfg, dataset, ctx, n, alive_tokens,
                                                   data_dir or run.get("data_dir") or DEFAULT_CACHE)
-    top = max(int(r.max()) if len(r) else 0 for r in (eval_rows, extra))
-    if top >= c.vocab_size:
-        raise ValueError(f"dataset {dataset!r} has token id {top}, outside model {name!r}'s vocabulary of {c.vocab_size}")
+    from data import check_vocab
+    for r in (eval_rows, extra):
+        check_vocab(r, dataset, c.vocab_size)  # names the file and line of the first id outside it
     info = dict(source=source, format=cfg["format"], model=name, dataset=dataset, ctx=ctx, center=cfg["center"],
                 loss=cfg.get("loss"), held_out=held_out, eval_rows=len(eval_rows), eval_tokens=len(eval_rows) * ctx,
                 alive_tokens_requested=alive_tokens)
