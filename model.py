@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hf_files import BUFFERS, check_weights, count_field as _count, read_config, read_weights
+
 MODEL_TYPES = ("gpt2", "gpt_neo")
 TINYSTORIES_1M = "roneneldan/TinyStories-1M"
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -182,35 +184,27 @@ class GPT(nn.Module):
         """A GPT-2 or GPT-Neo from a local folder (config.json + model.safetensors or pytorch_model.bin, as
         written by transformers' save_pretrained) or a Hugging Face hub id. Returns the model frozen, in eval mode."""
         config_file, weights_file = _resolve_checkpoint(name_or_path)
-        with open(config_file) as f:
-            hf = json.load(f)
+        hf = read_config(config_file)
         config = config_from_hf(hf, name_or_path)
         neo = hf["model_type"] == "gpt_neo"
         model = cls(config)
-        if weights_file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd_hf = load_file(weights_file)
-        else:
-            sd_hf = torch.load(weights_file, map_location="cpu", weights_only=True)
+        sd_file = read_weights(weights_file)
         # the hub's gpt2 has no "transformer." prefix; a save_pretrained of GPT2LMHeadModel has it
-        sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()
-                 if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        sd_hf = {k.removeprefix("transformer."): v for k, v in sd_file.items()
+                 if not k.endswith(BUFFERS) and k != "lm_head.weight"}
         sd = model.state_dict()
         keys = [k for k in sd if k != "lm_head.weight"]  # lm_head is tied to wte
         names = {k: hf_names(k.removeprefix("transformer."), neo) for k in keys}
-        missing = [n for k in keys for n in names[k] if n not in sd_hf]
-        if missing:
-            raise ValueError(f"model {name_or_path!r}: weights file lacks {missing[0]} (and {len(missing) - 1} more)")
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        flip = {k: k.endswith(conv1d) and not neo for k in keys}  # GPT-2's Conv1D: (in, out); nn.Linear: (out, in)
+        shape = {k: tuple(sd[k].shape[::-1] if flip[k] else sd[k].shape) for k in keys}  # as the file holds it
+        want = {n: (shape[k][0] // len(names[k]), *shape[k][1:])  # GPT-Neo's q, k, v: (C, C) each of our (3C, C)
+                for k in keys for n in names[k]}
+        check_weights(sd_hf, want, config.n_layer, f"model {name_or_path!r}", weights_file, sd_file)
         with torch.no_grad():
             for k in keys:
                 w = sd_hf[names[k][0]] if len(names[k]) == 1 else torch.cat([sd_hf[n] for n in names[k]])  # (3C, C)
-                if k.endswith(conv1d) and not neo:  # GPT-2 stores these as Conv1D (in, out); nn.Linear: (out, in)
-                    w = w.t()
-                if w.shape != sd[k].shape:
-                    raise ValueError(f"model {name_or_path!r}: {k} is {tuple(w.shape)} in the checkpoint, "
-                                     f"{tuple(sd[k].shape)} by its config.json")
-                sd[k].copy_(w.float())
+                sd[k].copy_(w.t() if flip[k] else w)
         model.name = name_or_path
         if center:
             model.center_writing_weights()
@@ -229,26 +223,38 @@ def config_from_hf(hf, name):
                          "('gelu_new') is supported")
     if hf.get("tie_word_embeddings") is False:
         raise ValueError(f"model {name!r} has an lm_head untied from wte; only tied ones are supported")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+        raise ValueError(f"model {name!r}: its config.json has layer_norm_epsilon {eps!r}; expected a number in (0, 1)")
     if kind == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise ValueError(f"model {name!r} uses attention options this GPT-2 does not implement")
-        config = GPTConfig(n_positions=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        d = _count(hf, "n_embd", name)
+        config = GPTConfig(n_positions=_count(hf, "n_positions", name), vocab_size=_count(hf, "vocab_size", name),
+                           n_layer=_count(hf, "n_layer", name), n_head=_count(hf, "n_head", name), n_embd=d,
+                           n_inner=_count(hf, "n_inner", name, 4 * d) if hf.get("n_inner") is not None else 4 * d,
+                           layer_norm_epsilon=eps)
     else:  # attention_types [[["global", "local"], 4]] -> 4 x (global, local), as transformers expands it
         types = hf.get("attention_types") or [[["global", "local"], 12]]
-        layers = tuple(t for pattern, n in types for _ in range(n) for t in pattern)
+        try:
+            layers = tuple(t for pattern, n in types for _ in range(n) for t in pattern)
+        except (TypeError, ValueError):
+            raise ValueError(f"model {name!r}: its config.json has attention_types {types!r}; expected pairs such "
+                             f"as [[\"global\", \"local\"], 4]") from None
         bad = next((t for t in layers if t not in ("global", "local")), None)
         if bad is not None:
             raise ValueError(f"model {name!r} has attention type {bad!r}; only 'global' and 'local' are supported")
-        if len(layers) != hf["num_layers"]:
-            raise ValueError(f"model {name!r}: attention_types give {len(layers)} layers, num_layers is {hf['num_layers']}")
-        if "local" in layers and hf.get("window_size", 256) < 1:
-            raise ValueError(f"model {name!r} has window_size {hf['window_size']}; it must be >= 1")
-        config = GPTConfig(n_positions=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                           n_layer=hf["num_layers"], n_head=hf["num_heads"], n_embd=hf["hidden_size"],
-                           n_inner=hf.get("intermediate_size") or 4 * hf["hidden_size"],
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), qkv_bias=False, scale_attn=False,
+        n_layer, d = _count(hf, "num_layers", name), _count(hf, "hidden_size", name)
+        if len(layers) != n_layer:
+            raise ValueError(f"model {name!r}: attention_types give {len(layers)} layers, num_layers is {n_layer}")
+        if "local" in layers and (type(hf.get("window_size", 256)) is not int or hf.get("window_size", 256) < 1):
+            raise ValueError(f"model {name!r} has window_size {hf['window_size']!r}; it must be an integer >= 1")
+        config = GPTConfig(n_positions=_count(hf, "max_position_embeddings", name),
+                           vocab_size=_count(hf, "vocab_size", name), n_layer=n_layer,
+                           n_head=_count(hf, "num_heads", name), n_embd=d,
+                           n_inner=_count(hf, "intermediate_size", name, 4 * d) if hf.get("intermediate_size")
+                           is not None else 4 * d,
+                           layer_norm_epsilon=eps, qkv_bias=False, scale_attn=False,
                            attention_layers=layers, window_size=hf.get("window_size", 256))
     if config.n_embd % config.n_head:
         raise ValueError(f"model {name!r}: d_model {config.n_embd} is not a multiple of its {config.n_head} heads")
