@@ -138,6 +138,10 @@ def geometry(path_a, path_b=None, alive_from="saved", match_cap=4096, chunk=1024
     runs = {"A": load_directions(path_a, alive_from, **eval_kw)}
     if path_b:
         runs["B"] = load_directions(path_b, alive_from, **eval_kw)
+        a, b = (runs[k][0]["decoder"].size(1) for k in "AB")  # (n_alive, d)
+        if a != b:
+            raise ValueError(f"{path_a!r} is an SAE of d {a} and {path_b!r} one of d {b}: their features live in "
+                             f"different spaces, so geometry compares only SAEs of the same d")
     out = dict(runs={k: _public(v[1]) for k, v in runs.items()}, match_cap=match_cap)
     for kind in ("decoder", "encoder"):
         res, within = {}, {}
@@ -218,19 +222,25 @@ def expand_runs(paths):
     return out
 
 
-def final_eval(path):
-    """(sae.json cfg, the last eval.jsonl line) of a run folder."""
+def final_eval(path, keys=()):
+    """(sae.json cfg, the last eval.jsonl line) of a run folder; ValueError naming the file when either is not
+    readable or the line lacks one of keys."""
     f, j = os.path.join(path, "eval.jsonl"), os.path.join(path, "sae.json")
     if not (os.path.isfile(f) and os.path.isfile(j)):
         raise ValueError(f"{path!r} is not a run folder with sae.json and eval.jsonl "
                          f"(`python eval.py SRC --json >> SRC/eval.jsonl` writes one)")
-    with open(j) as fh:
-        cfg = json.load(fh)
+    from sae import read_sae_json
+    cfg = read_sae_json(j, required=("layer",))
     lines = [line for line in open(f) if line.strip()]
     try:
-        return cfg, json.loads(lines[-1])
+        last = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         raise ValueError(f"{f!r} has no readable last line") from None
+    lacks = next((k for k in keys if k not in last), None) if isinstance(last, dict) else "an object"
+    if lacks:
+        raise ValueError(f"{f!r}: its last line (line {len(lines)}) is not an evaluation of eval.py: it lacks "
+                         f"{lacks!r}")
+    return cfg, last
 
 
 def front(xs, ys):
@@ -260,7 +270,7 @@ def pareto(paths, out=None):
     kind's non-dominated front (lower L0 and lower CE increase; more alive and lower CE increase)."""
     points = []
     for p in expand_runs(paths):
-        cfg, m = final_eval(p)
+        cfg, m = final_eval(p, keys=("l0", "alive", "ce_increase"))
         points.append(dict(run=p, loss=cfg.get("loss", "unknown"), layer=cfg.get("layer"), l0=m["l0"], alive=m["alive"],
                            alive_tokens=m.get("alive_tokens"), ce_increase=m["ce_increase"], step=m.get("step")))
     found = {q["loss"] for q in points}
@@ -296,7 +306,8 @@ def downstream(paths, out=None):
     """Per-layer MSE and explained variance from L to the final residual (Fig. 2), one line per run."""
     rows = []
     for p in expand_runs(paths):
-        cfg, m = final_eval(p)
+        cfg, m = final_eval(p, keys=("mse", "downstream_mse", "final_mse", "explained_variance",
+                                     "downstream_explained_variance", "final_explained_variance"))
         L = m.get("layer", cfg["layer"])
         layers = [str(L)] + [str(k) for k in m.get("downstream_layers", range(L + 1, L + 1 + len(m["downstream_mse"])))] + ["final"]
         rows.append(dict(run=p, loss=cfg.get("loss", "unknown"), layers=layers,

@@ -116,6 +116,25 @@ def check_resumable(ckpt, args, runs, data):
                          f"fingerprint {ckpt['data']['fingerprint']})")
 
 
+def check_tensors(ckpt, path, d, n_dict):
+    """ValueError naming the first tensor of the checkpoint at path that does not fit this run's SAEs (width d,
+    n_dict features): each SAE's weights, its Adam moments (one per parameter, in SAE.parameters() order) and
+    its firing counts. Checked before anything is loaded, so the error is one line, not load_state_dict's."""
+    from sae import check_state, sae_shapes
+    shapes = list(sae_shapes(d, n_dict).items())  # the order of SAE.parameters(), the optimizer's indices
+    for r in ckpt["runs"]:
+        where = f"{path!r} (SAE {r['name']}; this run: d {d}, n_dict {n_dict})"
+        check_state(r["sae"], d, n_dict, where)
+        if not isinstance(r.get("fired"), torch.Tensor) or tuple(r["fired"].shape) != (n_dict,):
+            raise ValueError(f"{where}: its firing counts are not a tensor of shape ({n_dict},)")
+        state = r["optimizer"].get("state", {})
+        for i, (name, shape) in enumerate(shapes):
+            for k, t in state.get(i, {}).items():
+                if k != "step" and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{where}: the optimizer's {k} of {name} has shape {got}, not {shape}")
+
+
 def check_out_dir(out_dir, ckpt_exists, run_dirs=()):
     """ValueError unless out_dir is, or can become, a writable folder that holds nothing of another run, and
     so are the SAEs' run folders (run_dirs: subfolders of out_dir in a sweep)."""

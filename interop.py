@@ -85,8 +85,12 @@ def load_firing(path):
     for name, key in (("firing.safetensors", "freq"), ("sparsity.safetensors", "sparsity")):
         f = os.path.join(path, name) if os.path.isdir(path) else None
         if f and os.path.isfile(f):
-            with safe_open(f, "pt") as st:
-                meta, t = dict(st.metadata() or {}), st.get_tensor(key).double()
+            try:
+                with safe_open(f, "pt") as st:
+                    meta, t = dict(st.metadata() or {}), st.get_tensor(key).double()
+            except Exception as e:  # SafetensorError (a header cut short), no such tensor
+                raise ValueError(f"{f!r} is not a readable firing file ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0]}); move it away to use every feature") from None
             if key == "sparsity":  # log10(freq + EPS); a dead feature reads -10
                 t = (10 ** t - EPS).clamp_min(0)
             tokens = meta.pop("tokens", None)

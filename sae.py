@@ -69,17 +69,69 @@ def save_sae(sae, out_dir, cfg):
     os.replace(tmp, os.path.join(out_dir, "sae.json"))
 
 
+def sae_shapes(d, n_dict):
+    """The shape of every tensor of an SAE of width d with n_dict features."""
+    return {"encoder.weight": (n_dict, d), "encoder.bias": (n_dict,), "decoder.weight": (d, n_dict), "decoder.bias": (d,)}
+
+
+def check_state(state, d, n_dict, where):
+    """ValueError naming the first tensor of state (an SAE state dict) that is missing, extra or not of the
+    shape of an SAE of width d with n_dict features; where says whose state it is (and its d and n_dict)."""
+    want = sae_shapes(d, n_dict)
+    for k, shape in want.items():
+        t = state.get(k)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where} has no tensor {k}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{where}: {k} has shape {tuple(t.shape)}, not {shape}")
+    extra = sorted(set(state) - set(want))
+    if extra:
+        raise ValueError(f"{where} holds {extra[0]}, not a tensor of an SAE")
+
+
+# sae.json: what every reader relies on, and the test of each value
+SAE_JSON = dict(d=("an integer >= 1", lambda v: type(v) is int and v >= 1),
+                n_dict=("an integer >= 1", lambda v: type(v) is int and v >= 1),
+                layer=("an integer >= 0", lambda v: type(v) is int and v >= 0),
+                center=("true or false", lambda v: type(v) is bool))
+SAE_JSON_OPTIONAL = dict(model=("a string", lambda v: v is None or isinstance(v, str)),
+                         loss=("a string", lambda v: v is None or isinstance(v, str)),
+                         args=("an object", lambda v: isinstance(v, dict)))
+
+
+def read_sae_json(path, required=tuple(SAE_JSON)):
+    """sae.json as a dict, with the keys required and every key of SAE_JSON / SAE_JSON_OPTIONAL it has of the
+    right type; ValueError naming the file and the key otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}"
+                         f"{f' at line {e.lineno}, column {e.colno}' if hasattr(e, 'lineno') else ''})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds {'an array' if isinstance(cfg, list) else type(cfg).__name__}, not the JSON "
+                         f"object save_sae writes")
+    for key in required:
+        if key not in cfg:
+            raise ValueError(f"{path} has no {key!r}; expected {SAE_JSON[key][0]}")
+    for key, (what, ok) in dict(SAE_JSON, **SAE_JSON_OPTIONAL).items():
+        if key in cfg and not ok(cfg[key]):
+            raise ValueError(f"{path} has {key} {cfg[key]!r}; expected {what}")
+    return cfg
+
+
 def load_sae(out_dir, device="cpu"):
-    """(SAE, cfg dict) from a folder written by save_sae."""
+    """(SAE, cfg dict) from a folder written by save_sae; ValueError naming the file and what is wrong with it."""
     from safetensors.torch import load_file
     path = os.path.join(out_dir, "sae.safetensors")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(out_dir, "sae.json")):
         raise ValueError(f"{out_dir!r} holds no saved SAE (sae.safetensors + sae.json)")
-    with open(os.path.join(out_dir, "sae.json")) as f:
-        cfg = json.load(f)
+    cfg = read_sae_json(os.path.join(out_dir, "sae.json"))
     try:
-        sae = SAE(cfg["d"], cfg["n_dict"])
-        sae.load_state_dict(load_file(path))
-    except Exception as e:
+        state = load_file(path)
+    except Exception as e:  # SafetensorError: a header cut short or overwritten
         raise ValueError(f"{path!r} is not a valid SAE file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    check_state(state, cfg["d"], cfg["n_dict"], f"{path!r} (sae.json: d {cfg['d']}, n_dict {cfg['n_dict']})")
+    sae = SAE(cfg["d"], cfg["n_dict"])
+    sae.load_state_dict(state)
     return sae.to(device), cfg

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import (PER_SAE, append_eval_log, check_out_dir, check_resumable, load_checkpoint, restore_rng,
-                        save_checkpoint, trim_eval_log)
+from checkpoint import (PER_SAE, append_eval_log, check_out_dir, check_resumable, check_tensors, load_checkpoint,
+                        restore_rng, save_checkpoint, trim_eval_log)
 from losses import clean_logprobs, downstream_mse, fused_kl_div, mse_loss, sparsity_loss
 from sweep import TINYSTORIES_HELP, check_args, check_init, check_model, model_defaults, plan_runs
 
@@ -280,6 +280,9 @@ def setup(rank, world):
     from model import GPT
     model = GPT.from_pretrained(args.model, center=not args.no_center).to(device)
     check_model(args, runs, model)
+    if ckpt is not None:  # its tensors fit the SAEs of this model and --dict_ratio
+        C = model.config.n_embd
+        check_tensors(ckpt, os.path.join(args.out_dir, "ckpt.pt"), C, int(args.dict_ratio * C))
     if init is not None:
         check_init(init, args, runs, model)
     if ddp and rank > 0:
