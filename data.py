@@ -60,8 +60,8 @@ def _not_utf8(path):
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
-                return ValueError(f"{path} line {i} is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
-                                  f"convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > NEW")
+                return ValueError(f"{path} line {i} is not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                                  f"{e.start + 1}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 F > NEW")
     return ValueError(f"{path} is not UTF-8 text; convert it to UTF-8")
 
 

@@ -71,7 +71,8 @@ def save_sae(sae, out_dir, cfg):
 
 def sae_shapes(d, n_dict):
     """The shape of every tensor of an SAE of width d with n_dict features."""
-    return {"encoder.weight": (n_dict, d), "encoder.bias": (n_dict,), "decoder.weight": (d, n_dict), "decoder.bias": (d,)}
+    return {"encoder.weight": (n_dict, d), "encoder.bias": (n_dict,),
+            "decoder.weight": (d, n_dict), "decoder.bias": (d,)}
 
 
 def check_state(state, d, n_dict, where):
