@@ -52,7 +52,7 @@ import time
 
 import torch
 
-from losses import logit_stats
+from losses import logit_stats, mm_dtype
 
 
 class _Moments:
@@ -110,7 +110,8 @@ class _Sums:
 
     def add(self, model, idx, x, x_hat, c, clean, spliced):
         ln_f = model.transformer.ln_f
-        for k, v in logit_stats(ln_f(spliced[-1]), ln_f(clean[-1]), model.lm_head.weight, idx).items():
+        W_U = model.unembedding(mm_dtype(x))
+        for k, v in logit_stats(ln_f(spliced[-1]), ln_f(clean[-1]), W_U, idx, vocab=model.config.vocab_size).items():
             self.logits[k] += v
         active = c > 0                                                         # (B, T, n_dict)
         fired = active.reshape(-1, active.size(-1)).sum(0, dtype=torch.float64)

@@ -39,7 +39,7 @@ import torch
 
 from checkpoint import (PER_SAE, append_eval_log, check_out_dir, check_resumable, load_checkpoint, restore_rng,
                         save_checkpoint, trim_eval_log)
-from losses import clean_logprobs, downstream_mse, fused_kl_div, mse_loss, sparsity_loss
+from losses import clean_logprobs, downstream_mse, fused_kl_div, mm_dtype, mse_loss, sparsity_loss
 from sweep import TINYSTORIES_HELP, check_args, check_init, check_model, model_defaults, plan_runs
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -95,7 +95,8 @@ parser.add_argument("--resume", action="store_true", help="continue the run in -
                     "flags not given take the run's values. Without it an unfinished run with the same flags continues")
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
-parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
+parser.add_argument("--compile", action="store_true",
+                    help="torch.compile the GPT blocks, the SAE and the KL's elementwise work per chunk")
 parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per chunk of the fused KL (default 64 on CPU, 512 on CUDA)")
 parser.add_argument("--no_kl_share", action="store_true", help="with several e2e SAEs, recompute the clean side of "
                     "the KL per SAE instead of holding it once (batch_size x ctx x vocab fp32)")
@@ -184,7 +185,7 @@ def shared_passes(model, idx, runs, kl_share=True):
     h_clean = model.transformer.ln_f(x) if e2e else None                 # (B, T, C)
     clean = None
     if kl_share and len(e2e) > 1:
-        clean = clean_logprobs(h_clean, model.lm_head.weight, e2e[0].kl_chunk)
+        clean = clean_logprobs(h_clean, model.unembedding(mm_dtype(h_clean)), e2e[0].kl_chunk, model.config.vocab_size)
     return dict(resid=resid, h_clean=h_clean, clean=clean)
 
 
@@ -194,7 +195,7 @@ def loss_step(model, sae, r, shared, fired=None):
     the spliced suffix with gradients flowing through the frozen blocks into the SAE, against the clean
     final hidden state (KL) and, for e2e_ds, the clean residuals entering blocks r.ds (--ds_layers; all
     later ones in the paper). fired (n_dict,), if given, is incremented by how often each feature fired."""
-    L, ln_f, W_U = r.layer, model.transformer.ln_f, model.lm_head.weight
+    L, ln_f = r.layer, model.transformer.ln_f
     x = shared["resid"][L]                                               # (B, T, C)
     x_hat, c = sae(x)
     parts = dict(sparsity=sparsity_loss(c, x.size(-1)))
@@ -203,7 +204,9 @@ def loss_step(model, sae, r, shared, fired=None):
         loss = parts["mse"] + r.l1 * parts["sparsity"]
     else:
         _, resids = model.forward_from_layer(x_hat.float(), L, logits=False)
-        parts["kl"] = fused_kl_div(ln_f(resids[-1]), shared["h_clean"], W_U, r.kl_chunk, clean=shared["clean"])
+        W_U = model.unembedding(mm_dtype(x))                              # (V_pad, C), aligned GEMMs
+        parts["kl"] = fused_kl_div(ln_f(resids[-1]), shared["h_clean"], W_U, r.kl_chunk, clean=shared["clean"],
+                                   vocab=model.config.vocab_size, compiled=getattr(r, "compile", False))
         loss = r.kl_coeff * parts["kl"] + r.l1 * parts["sparsity"]
         if r.loss == "e2e_ds":  # the residuals entering blocks r.ds (--ds_layers), spliced vs clean
             ds = ds_blocks(r, model.config.n_layer)
@@ -362,6 +365,8 @@ def main():
             s.module = DistributedDataParallel(s.sae, device_ids=[int(device.split(":")[1])] if ":" in device else None)
     accum = args.grad_accum // world  # micro-batches per process
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    if args.dtype == "bfloat16":
+        model.cast_frozen(torch.bfloat16)  # the frozen weights cast once, not at every use
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))  # finish the step, save, exit
