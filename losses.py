@@ -64,22 +64,25 @@ class _Chunks:
     """The (n, V_pad) buffers of a chunked pass over the vocabulary, allocated once and reused by every
     chunk: on CPU a fresh multi-MB tensor per op costs page faults that took about as long as the op.
     W: (V_pad, C) unembedding already in the matmul dtype dt, rows V.. zero (model.unembedding pads it).
-    logits(h, i, j, out) writes the fp32 logits of rows i:j into out with the padded columns at PAD_LOGIT."""
+    f32 names fp32 buffers, raw names buffers in dt (the GEMM's own output, for the compiled path)."""
 
-    def __init__(self, W, vocab, n, names):
+    def __init__(self, W, vocab, n, f32=(), raw=()):
         self.W, self.V = W, vocab
-        f32 = dict(dtype=torch.float32, device=W.device)
-        self.buf = {k: torch.empty(n, W.size(0), **f32) for k in names}
-        self.mm = torch.empty(n, W.size(0), dtype=W.dtype, device=W.device) if W.dtype != torch.float32 else None
+        self.buf = {**{k: self._new(n, torch.float32) for k in f32}, **{k: self._new(n, W.dtype) for k in raw}}
+        self.stage = self._new(n, W.dtype) if W.dtype != torch.float32 and f32 else None  # dt GEMM out -> fp32
+
+    def _new(self, n, dtype):
+        return torch.empty(n, self.W.size(0), dtype=dtype, device=self.W.device)
 
     def get(self, name, n):
         return self.buf[name][:n]
 
     def logits(self, h, i, j, out):
-        if self.mm is None:
-            torch.mm(h[i:j], self.W.t(), out=out)                       # (n, V_pad) fp32
+        """The logits of rows i:j into out (n, V_pad), the padded columns at PAD_LOGIT."""
+        if out.dtype == self.W.dtype:
+            torch.mm(h[i:j], self.W.t(), out=out)
         else:
-            out.copy_(torch.mm(h[i:j], self.W.t(), out=self.mm[:j - i]))  # the GEMM in dt, then fp32
+            out.copy_(torch.mm(h[i:j], self.W.t(), out=self.stage[:j - i]))  # the GEMM in dt, then fp32
         out[:, self.V:] = PAD_LOGIT
         return out
 
@@ -87,10 +90,12 @@ class _Chunks:
         return torch.ops.aten._log_softmax.out(x, 1, False, out=out)
 
     def grad(self, dlogits, out):
-        """dlogits (n, V_pad) fp32 @ W -> out (n, C) fp32, the GEMM in W's dtype."""
-        if self.mm is None:
+        """dlogits (n, V_pad) @ W -> out (n, C) fp32, the GEMM in W's dtype."""
+        if dlogits.dtype != self.W.dtype:
+            dlogits = self.stage[:dlogits.size(0)].copy_(dlogits)
+        if out.dtype == self.W.dtype:
             return torch.mm(dlogits, self.W, out=out)
-        return out.copy_(self.mm[:dlogits.size(0)].copy_(dlogits) @ self.W)
+        return out.copy_(dlogits @ self.W)
 
 
 @torch.no_grad()
@@ -104,7 +109,7 @@ def clean_logprobs(h_clean, W, chunk_size=None, vocab=None):
     dt = mm_dtype(h_clean)
     hc_mm, W_mm = h_clean.reshape(-1, C).to(dt), W.to(dt)
     N = hc_mm.size(0)
-    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, N), ["z"])
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, N), f32=["z"])
     out = []
     with torch.autocast(h_clean.device.type, enabled=False):
         for i in range(0, N, chunk_size):
@@ -117,13 +122,14 @@ def clean_logprobs(h_clean, W, chunk_size=None, vocab=None):
 def _kl_chunk(z, zc, clean_is_logits):
     """The elementwise part of one chunk as one function, for torch.compile (fused_kl_div(compiled=True)):
     Σ p_clean (log p_clean − log p) over the chunk, and dlogits = softmax(z) − p_clean written into z.
-    zc: the clean logits, or log p_clean already (clean_is_logits False). Compiled, it is two passes over
-    the chunk (inductor fuses the row reductions, then the rest) instead of eager's seven kernels."""
-    lc = torch.log_softmax(zc, -1) if clean_is_logits else zc
-    lp = torch.log_softmax(z, -1)
+    z, zc: the logits as the GEMM wrote them (bf16 under autocast: the casts fuse in too); zc may be
+    log p_clean already (clean_is_logits False). The softmaxes and the sum are fp32. Compiled, it is two
+    passes over the chunk (inductor fuses the row reductions, then the rest) instead of eager's nine."""
+    lc = torch.log_softmax(zc.float(), -1) if clean_is_logits else zc
+    lp = torch.log_softmax(z.float(), -1)
     pc = lc.exp()
     kl = (pc * (lc - lp)).sum()
-    z.copy_(lp.exp() - pc)
+    z.copy_(lp.exp() - pc)  # in z's dtype: the matmul dtype of the gradient GEMM
     return kl
 
 
@@ -151,8 +157,9 @@ class _FusedKL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        bufs = _Chunks(W_mm, vocab, min(chunk_size, N), 
-                       ["z"] + ["lc"] * (clean is None) + ["lp", "pc"] * (not compiled))
+        clean_buf = ["lc"] * (clean is None)
+        bufs = _Chunks(W_mm, vocab, min(chunk_size, N), raw=["z"] + clean_buf) if compiled else \
+            _Chunks(W_mm, vocab, min(chunk_size, N), f32=["z", "lp", "pc"] + clean_buf)
         with torch.autocast(h.device.type, enabled=False):  # every op below picks its dtype itself
             for k, i in enumerate(range(0, N, chunk_size)):
                 j, n = min(i + chunk_size, N), min(i + chunk_size, N) - i
@@ -216,7 +223,7 @@ def logit_stats(h, h_clean, W, idx, chunk_size=None, vocab=None):
     h_mm, hc_mm = h.reshape(-1, C).to(dt), h_clean.reshape(-1, C).to(dt)
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1).reshape(-1)  # last pos ignored
     out = dict(kl=0.0, ce=0.0, ce_clean=0.0, n_kl=B * T, n_ce=B * (T - 1))
-    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T), ["z", "lp", "lc"])
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T), f32=["z", "lp", "lc"])
     with torch.autocast(h.device.type, enabled=False):
         for i in range(0, B * T, chunk_size):
             j, n = min(i + chunk_size, B * T), min(i + chunk_size, B * T) - i

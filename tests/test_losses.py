@@ -131,12 +131,15 @@ def test_compiled_chunk_matches_eager():
     C, V = 16, 1001
     Wp = _pad(torch.randn(V, C, generator=g) * 0.5)
     h, hc = torch.randn(37, C, generator=g), torch.randn(37, C, generator=g)
-    res = []
-    for compiled, clean in [(False, None), (True, None), (True, clean_logprobs(hc, Wp, 16, vocab=V))]:
-        x = h.clone().requires_grad_(True)
-        kl = fused_kl_div(x, hc, Wp, 16, clean=clean, vocab=V, compiled=compiled)
-        kl.backward()
-        res.append((kl.item(), x.grad))
-    for kl, grad in res[1:]:
-        assert kl == pytest.approx(res[0][0], rel=1e-6)
-        torch.testing.assert_close(grad, res[0][1], rtol=1e-5, atol=1e-7)
+    for bf16 in (False, True):  # bf16: the GEMMs in bf16, the casts to and from fp32 inside the compiled part
+        res = []
+        for compiled, shared in [(False, False), (True, False), (True, True)]:
+            x = h.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                clean = clean_logprobs(hc, Wp, 16, vocab=V) if shared else None
+                kl = fused_kl_div(x, hc, Wp, 16, clean=clean, vocab=V, compiled=compiled)
+            kl.backward()
+            res.append((kl.item(), x.grad))
+        for kl, grad in res[1:]:
+            assert kl == pytest.approx(res[0][0], rel=1e-6)
+            torch.testing.assert_close(grad, res[0][1], rtol=1e-5, atol=1e-7)
