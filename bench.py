@@ -42,7 +42,8 @@ parser.add_argument("--window_size", type=positive_int, default=256, help="GPT-N
 parser.add_argument("--n_layer", type=positive_int, default=12, help="blocks")
 parser.add_argument("--n_head", type=positive_int, default=12, help="attention heads")
 parser.add_argument("--n_embd", type=positive_int, default=768, help="d_model")
-parser.add_argument("--vocab_size", type=positive_int, default=50257, help="vocabulary (the unembedding the KL runs over)")
+parser.add_argument("--vocab_size", type=positive_int, default=50257,
+                    help="vocabulary (the unembedding the KL runs over)")
 # step
 parser.add_argument("--ctx", type=positive_int, default=128, help="tokens per sample")
 parser.add_argument("--batch_size", type=positive_int, default=4, help="samples per step")

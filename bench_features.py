@@ -144,11 +144,13 @@ def main():
     parser.add_argument("--ratio", type=positive_int, default=8, help="collect: SAE features per model dimension")
     parser.add_argument("--layer", type=nonneg_int, default=6, help="collect: the SAE's layer")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="collect: rows of 1024 tokens per forward")
-    parser.add_argument("--l0", type=nonneg_int, default=0, help="collect: set the biases for about this L0 (0: untrained)")
+    parser.add_argument("--l0", type=nonneg_int, default=0,
+                        help="collect: set the biases for about this L0 (0: untrained)")
     parser.add_argument("--device", type=nonempty, default="cpu", help="collect: device")
     parser.add_argument("--n", type=positive_int, default=46_080, help="page: features in the index")
     parser.add_argument("--page_rows", type=positive_int, default=100, help="page: rows per page of the paged index")
-    parser.add_argument("--repeat", type=positive_int, default=3, help="runs: collect reports the fastest, page the median")
+    parser.add_argument("--repeat", type=positive_int, default=3,
+                        help="runs: collect reports the fastest, page the median")
     parser.error = lambda msg: sys.exit(f"bench_features.py: error: {msg}")  # one line, no usage dump
     args = parser.parse_args()
     if args.layer >= 12:  # the random GPT-2 small of collect

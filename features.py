@@ -307,15 +307,20 @@ def compare(a, b, out, match_cap=4096, page_rows=100, **kw):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="A static feature browser for an SAE, or two side by side.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run", metavar="RUN", type=nonempty, help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
-    parser.add_argument("--compare", metavar="RUN_B", type=nonempty, default=None, help="a second source: pair its features with RUN's")
+    parser.add_argument("run", metavar="RUN", type=nonempty,
+                        help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
+    parser.add_argument("--compare", metavar="RUN_B", type=nonempty, default=None,
+                        help="a second source: pair its features with RUN's")
     parser.add_argument("--out", type=nonempty, required=True, default=argparse.SUPPRESS,
                         help="site folder (required): new, empty, or a previous site, which is replaced")
     # model and data (None: the source's own record, else gpt2 / Apollo's OpenWebText / 1024, as eval.py)
-    parser.add_argument("--model", type=nonempty, default=None, help="hub id or local save_pretrained folder; None: the source's")
-    parser.add_argument("--dataset", type=nonempty, default=None, help="hub dataset or local file / folder; None: the source's")
+    parser.add_argument("--model", type=nonempty, default=None,
+                        help="hub id or local save_pretrained folder; None: the source's")
+    parser.add_argument("--dataset", type=nonempty, default=None,
+                        help="hub dataset or local file / folder; None: the source's")
     parser.add_argument("--ctx", type=positive_int, default=None, help="tokens per row; None: the source's")
-    parser.add_argument("--data_dir", type=nonempty, default=None, help="token cache folder; None: the source's, else ~/.cache/nanosae")
+    parser.add_argument("--data_dir", type=nonempty, default=None,
+                        help="token cache folder; None: the source's, else ~/.cache/nanosae")
     # what to collect and show
     parser.add_argument("--n_tokens", type=positive_int, default=1_000_000, help="held-out tokens to read (whole rows)")
     parser.add_argument("--k", type=positive_int, default=20, help="top activating contexts per feature")
@@ -326,7 +331,8 @@ def main(argv=None):
     parser.add_argument("--page_rows", type=positive_int, default=100, help="table rows per page of the index")
     # system
     parser.add_argument("--batch_size", type=positive_int, default=8, help="rows per forward pass")
-    parser.add_argument("--chunk", type=positive_int, default=2 ** 22, help="tokens x features of activations at a time")
+    parser.add_argument("--chunk", type=positive_int, default=2 ** 22,
+                        help="tokens x features of activations at a time")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.error = lambda msg: sys.exit(f"features.py: error: {msg}")
     args = parser.parse_args(argv)

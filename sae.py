@@ -104,9 +104,10 @@ def check_fits(d, n_dict, device, k=1, what="--dict_ratio"):
     need, have = k * train_bytes(d, n_dict), device_bytes(device)
     if need > have:
         sweep = f" x {k} SAEs" if k > 1 else ""
+        where = f"memory on {device}" if str(device).startswith("cuda") else "RAM"
         raise ValueError(f"{what} gives {n_dict:,} features at d {d}: training needs about {need / 2 ** 30:,.1f} GiB "
                          f"(parameters, gradients and Adam state in fp32{sweep}), more than the "
-                         f"{have / 2 ** 30:,.1f} GiB of {'memory on ' + str(device) if str(device).startswith('cuda') else 'RAM'}")
+                         f"{have / 2 ** 30:,.1f} GiB of {where}")
 
 
 def new_sae(d, n_dict, device):

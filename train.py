@@ -50,7 +50,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 # model
-parser.add_argument("--model", type=nonempty, default="gpt2", help="hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder")
+parser.add_argument("--model", type=nonempty, default="gpt2",
+                    help="hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder")
 parser.add_argument("--layer", default="6", help="SAE on the residual stream entering this block; a comma list sweeps")
 parser.add_argument("--no_center", action="store_true", help="do not centre the residual stream (center_writing_weights)")
 # sae and loss
@@ -62,10 +63,12 @@ parser.add_argument("--l1", nargs="+", default=None, help="sparsity coefficient 
 parser.add_argument("--kl_coeff", type=float, default=None, help="default 1.0 (e2e), 0.5 (e2e_ds)")
 parser.add_argument("--ds_coeff", type=float, default=None, help="β of the downstream MSE; default 2.5 (layers 2, 6), "
                     "0.05 (layer 10), nearest of those for other layers")
-parser.add_argument("--ds_layers", type=nonempty, default="all", help="e2e_ds: the later residuals of the downstream MSE (blocks they "
+parser.add_argument("--ds_layers", type=nonempty, default="all",
+                    help="e2e_ds: the later residuals of the downstream MSE (blocks they "
                     "enter): all (the paper), next, next:N, last, or a comma list of block indices after --layer")
 # ablations: start from an SAE, or train the first part of the run as local
-parser.add_argument("--init_from", type=nonempty, default=None, help="start every SAE from this one (a run folder, an Apollo .pt or a "
+parser.add_argument("--init_from", type=nonempty, default=None,
+                    help="start every SAE from this one (a run folder, an Apollo .pt or a "
                     "SAELens folder) with a fresh optimizer; --layer, --dict_ratio, --model and centring default to its")
 parser.add_argument("--local_frac", type=float, default=0.0, help="train the first this fraction of the samples with "
                     "the local loss (λ --local_l1), the rest with --loss, under one LR schedule")
@@ -75,7 +78,8 @@ parser.add_argument("--local_l1", type=float, default=None, help="λ of the loca
 parser.add_argument("--dataset", type=nonempty, default="apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
                     help="hub dataset (input_ids or text column) or a local .txt/.jsonl/.parquet file or folder")
 parser.add_argument("--ctx", type=int, default=1024, help="tokens per sample")
-parser.add_argument("--data_dir", type=nonempty, default=os.path.join(os.path.expanduser("~"), ".cache", "nanosae"), help="token cache")
+parser.add_argument("--data_dir", type=nonempty, default=os.path.join(os.path.expanduser("~"), ".cache", "nanosae"),
+                    help="token cache")
 # optimization
 parser.add_argument("--n_samples", type=int, default=400_000, help="training samples (rows of ctx tokens)")
 parser.add_argument("--batch_size", type=int, default=8, help="micro-batch, in samples")
@@ -91,7 +95,8 @@ parser.add_argument("--log_every", type=int, default=10, help="log every this ma
 parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
 parser.add_argument("--wandb_project", type=nonempty, default="nanosae", help="W&B project")
 # system
-parser.add_argument("--out_dir", type=nonempty, default=None, help="default out/{loss}_L{layer} (a sweep: out/sweep_{losses}_L{layers})")
+parser.add_argument("--out_dir", type=nonempty, default=None,
+                    help="default out/{loss}_L{layer} (a sweep: out/sweep_{losses}_L{layers})")
 parser.add_argument("--save_every", type=int, default=20_000, help="checkpoint every this many samples (and at the end)")
 parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir (which must hold one); "
                     "flags not given take the run's values. Without it an unfinished run with the same flags continues")
@@ -411,8 +416,8 @@ def main():
         sync_fired()
         if master:
             state = dict(step=next_step, args=vars(args), data=data, wandb_id=wandb_id, runs=[dict(
-                {k: getattr(s.r, k) for k in PER_SAE}, name=s.r.name, bad_steps=s.bad, ref=s.ref, diverged=s.diverged, fired=s.fired.cpu(),
-                sae=s.sae.state_dict(), optimizer=s.optimizer.state_dict()) for s in saes])
+                {k: getattr(s.r, k) for k in PER_SAE}, name=s.r.name, bad_steps=s.bad, fired=s.fired.cpu(),
+                ref=s.ref, diverged=s.diverged, sae=s.sae.state_dict(), optimizer=s.optimizer.state_dict()) for s in saes])
             save_checkpoint(ckpt_path, finished=False, **state)
             for s in saes:  # after ckpt.pt: an SAE without a checkpoint is not ours
                 save_sae(s.sae, s.r.out_dir, s.sae_cfg())

@@ -1,7 +1,6 @@
 """Bad flag values in every tool: 0, negative and empty values are refused with one line on stderr naming the
 flag and the value, never replaced by a default; a diverging run warns once and stops keeping a finite
 checkpoint; an SAE that cannot fit in memory is refused before anything is written."""
-import json
 import os
 import runpy
 import signal
