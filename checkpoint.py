@@ -133,7 +133,8 @@ def check_out_dir(out_dir, ckpt_exists, run_dirs=()):
                              "--out_dir, or remove them")
         if ckpt_exists:
             read_eval_log(os.path.join(d, "eval.jsonl"))  # the resume trims it: it must read before anything is written
-    check_writable(out_dir, "--out_dir")
+    for d in dict.fromkeys([out_dir, *(d for d in run_dirs if os.path.isdir(d))]):
+        check_writable(d, "--out_dir")
 
 
 def read_eval_log(path):

@@ -145,7 +145,7 @@ def replace_dir(out_dir, fill, force=False):
             except BaseException:
                 os.rename(old, base)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            os.remove(old) if os.path.islink(old) else shutil.rmtree(old, ignore_errors=True)  # a link: not its target
         else:
             os.rename(tmp, base)
     except BaseException as e:

@@ -22,7 +22,8 @@ pass (and the clean side of the KL), so a sweep of K costs far less than K runs.
 Long runs: --out_dir gets ckpt.pt (every SAE) every --save_every samples and on SIGTERM/SIGINT (the step
 finishes, then it saves and exits with 128 + the signal). A run killed in any way continues from its last
 checkpoint exactly as if never stopped: with --resume, or by running the same command again. A step with a
-non-finite loss or gradient is skipped for that SAE; --max_bad_steps in a row stop the run.
+non-finite loss or gradient is skipped for that SAE; --max_bad_steps in a row stop the run. One train.py at a time
+per --out_dir (a lock); a new run refuses a folder holding another program's run files (see checkpoint.py).
 DDP: --batch_size is per process, --grad_accum counts micro-batches over all processes, so the samples per
 step (batch_size * grad_accum) and the result do not depend on the number of processes (nor does a resume).
 """

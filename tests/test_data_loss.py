@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import interop
 from conftest import ROOT
 from interop import save_firing, write_saelens
@@ -181,3 +182,16 @@ def current_umask():
     u = os.umask(0)
     os.umask(u)
     return u
+
+
+@pytest.mark.parametrize("last, kept", [('{"step": 8, "l0": 1.', [4]), ("my own notes", None)])
+def test_only_a_torn_record_is_dropped_from_eval_log(tmp_path, last, kept):
+    """A resume trims eval.jsonl; a last line without a newline is dropped only if it is the start of a record
+    (a write of ours cut short), never a line someone added."""
+    path = str(tmp_path / "eval.jsonl")
+    open(path, "w").write('{"step": 4}\n' + last)
+    if kept is None:
+        with pytest.raises(ValueError, match="line 2 is not an evaluation record"):
+            checkpoint.check_out_dir(str(tmp_path), ckpt_exists=True)
+    else:
+        assert [r["step"] for r in checkpoint.read_eval_log(path)] == kept
