@@ -195,3 +195,14 @@ def test_only_a_torn_record_is_dropped_from_eval_log(tmp_path, last, kept):
             checkpoint.check_out_dir(str(tmp_path), ckpt_exists=True)
     else:
         assert [r["step"] for r in checkpoint.read_eval_log(path)] == kept
+
+
+def test_a_stale_firing_file_of_another_size_is_ignored_with_a_note(tmp_path, capsys):
+    """An export folder written over by hand before --force existed: sparsity.safetensors of an earlier, larger
+    SAE. Loading it must not hand analysis 512 frequencies for 256 features."""
+    lens = str(tmp_path / "lens")
+    write_saelens(SAE(32, 256), dict(layer=1, model="gpt2", center=True), lens)
+    interop.save_tensors({"sparsity": torch.zeros(512)}, os.path.join(lens, "sparsity.safetensors"))
+    sae, _, firing = interop.load_any(lens)
+    assert sae.n_dict == 256 and firing is None
+    assert "has 512 entries, not the SAE's 256 features; ignored" in capsys.readouterr().err
