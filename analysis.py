@@ -32,6 +32,8 @@ import sys
 import numpy as np
 import torch
 
+from cli import nonempty, nonneg_int, positive_int
+
 HIST_BINS = 100  # over [-1, 1]: bins of 0.02
 COLORS = {"local": "tab:blue", "e2e": "tab:red", "e2e_ds": "tab:green"}
 
@@ -136,7 +138,7 @@ def load_directions(path, alive_from="saved", **eval_kw):
 def geometry(path_a, path_b=None, alive_from="saved", match_cap=4096, chunk=1024, n_boot=1000, **eval_kw):
     """All geometry numbers of the module docstring, for one SAE or two, as one JSON-able dict."""
     runs = {"A": load_directions(path_a, alive_from, **eval_kw)}
-    if path_b:
+    if path_b is not None:
         runs["B"] = load_directions(path_b, alive_from, **eval_kw)
     out = dict(runs={k: _public(v[1]) for k, v in runs.items()}, match_cap=match_cap)
     for kind in ("decoder", "encoder"):
@@ -144,7 +146,7 @@ def geometry(path_a, path_b=None, alive_from="saved", match_cap=4096, chunk=1024
         for k, (dirs, _) in runs.items():
             within[k] = nearest_cos(dirs[kind], chunk=chunk)[0]
         res["within"] = {k: summary(v) for k, v in within.items()}
-        if path_b:
+        if path_b is not None:
             A, B = runs["A"][0][kind], runs["B"][0][kind]
             res["within_diff_A_minus_B"] = bootstrap_diff(within["A"].numpy(), within["B"].numpy(), n_boot)
             a_to_b, b_to_a = nearest_cos(A, B, chunk)
@@ -416,54 +418,51 @@ def main(argv=None):
     parser.error = lambda msg: sys.exit(f"analysis.py: error: {msg}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("geometry", help="nearest-feature cosines within one SAE, or within and across two", formatter_class=fmt)
-    g.add_argument("run_a", help="SAE A: a run folder, a SAELens folder or an Apollo .pt")
-    g.add_argument("run_b", nargs="?", help="SAE B, the same kinds; with it: A→B, B→A, the one-to-one matching and "
+    g.add_argument("run_a", type=nonempty, help="SAE A: a run folder, a SAELens folder or an Apollo .pt")
+    g.add_argument("run_b", nargs="?", type=nonempty,
+                   help="SAE B, the same kinds; with it: A→B, B→A, the one-to-one matching and "
                    "within A − within B with its CI; without it: within A only")
     g.add_argument("--alive_from", default="saved", choices=["saved", "eval", "all"],
                    help="which features count as alive: saved = those that fired in the source's saved frequencies "
                    "(firing.safetensors, or a SAELens sparsity.safetensors), all features when it has none; eval = "
                    "count firing now over --alive_tokens tokens, as eval.py does; all = every feature")
-    g.add_argument("--alive_tokens", type=int, default=500_000, help="with --alive_from eval: count over this many tokens")
+    g.add_argument("--alive_tokens", type=nonneg_int, default=500_000,
+                   help="with --alive_from eval: count over this many tokens")
     for name, what in (("model", "hub id or save_pretrained folder"), ("dataset", "token source"),
                        ("ctx", "tokens per row"), ("data_dir", "token cache folder")):
-        g.add_argument(f"--{name}", type=int if name == "ctx" else str, default=None,
+        g.add_argument(f"--{name}", type=positive_int if name == "ctx" else nonempty, default=None,
                        help=f"with --alive_from eval: {what}; if unset, the source's")
-    g.add_argument("--match_cap", type=int, default=4096, help="features a side in the one-to-one matching")
-    g.add_argument("--chunk", type=int, default=1024, help="rows per block of similarities")
-    g.add_argument("--n_boot", type=int, default=1000,
+    g.add_argument("--match_cap", type=positive_int, default=4096, help="features a side in the one-to-one matching")
+    g.add_argument("--chunk", type=positive_int, default=1024, help="rows per block of similarities")
+    g.add_argument("--n_boot", type=positive_int, default=1000,
                    help="bootstrap resamples for the 95%% CI of within A − within B")
-    g.add_argument("--out", default=None, help="write a PNG of the histograms here")
+    g.add_argument("--out", type=nonempty, default=None, help="write a PNG of the histograms here")
     sd = sub.add_parser("seeds", help="cross-seed similarity of runs that differ only in --seed", formatter_class=fmt)
-    sd.add_argument("runs", nargs="+", help="two or more run folders (or other sources) of the same SAE, other seeds")
+    sd.add_argument("runs", nargs="+", type=nonempty,
+                    help="two or more run folders (or other sources) of the same SAE, other seeds")
     sd.add_argument("--alive_from", default="saved", choices=["saved", "all"],
                     help="alive features: those that fired in the saved frequencies, or every feature")
-    sd.add_argument("--match_cap", type=int, default=4096, help="features a side in the one-to-one matching")
-    sd.add_argument("--chunk", type=int, default=1024, help="rows per block of similarities")
+    sd.add_argument("--match_cap", type=positive_int, default=4096, help="features a side in the one-to-one matching")
+    sd.add_argument("--chunk", type=positive_int, default=1024, help="rows per block of similarities")
     for name in ("pareto", "downstream"):
         p = sub.add_parser(name, help="Fig. 1" if name == "pareto" else "Fig. 2", formatter_class=fmt)
-        p.add_argument("runs", nargs="+", help="run folders, each with sae.json and eval.jsonl")
-        p.add_argument("--out", default=None, help="write the plot to this PNG")
+        p.add_argument("runs", nargs="+", type=nonempty, help="run folders, each with sae.json and eval.jsonl")
+        p.add_argument("--out", type=nonempty, default=None, help="write the plot to this PNG")
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print every number as one JSON object, not a table")
         p.error = parser.error
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "out", None) and not args.out.endswith(".png"):
+        if getattr(args, "out", None) is not None and not args.out.endswith(".png"):
             raise ValueError(f"--out {args.out!r} must end in .png")
         if args.cmd == "geometry":
-            for name in ("match_cap", "chunk", "n_boot"):
-                if getattr(args, name) <= 0:
-                    raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
             res = geometry(args.run_a, args.run_b, args.alive_from, args.match_cap, args.chunk, args.n_boot,
                            alive_tokens=args.alive_tokens, model_name=args.model, dataset=args.dataset, ctx=args.ctx,
                            data_dir=args.data_dir, progress="analysis.py:")[0]
-            if args.out:
+            if args.out is not None:
                 plot_geometry(res, args.out)
             res["out"] = args.out
         elif args.cmd == "seeds":
-            for name in ("match_cap", "chunk"):
-                if getattr(args, name) <= 0:
-                    raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
             res = seeds(args.runs, args.alive_from, args.match_cap, args.chunk)
         else:
             res = (pareto if args.cmd == "pareto" else downstream)(args.runs, args.out)

@@ -32,34 +32,42 @@ import time
 
 import torch
 
+from cli import nonempty, nonneg_int, positive_float, positive_int
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # model shape (a random GPT-2 or GPT-Neo; the defaults are GPT-2 small's)
 parser.add_argument("--arch", default="gpt2", choices=["gpt2", "gpt_neo"], help="gpt_neo: GPT-Neo's attention "
                     "(no q/k/v bias, unscaled scores, layers alternating global and local as in TinyStories-1M)")
-parser.add_argument("--window_size", type=int, default=256, help="GPT-Neo's local attention window")
-parser.add_argument("--n_layer", type=int, default=12, help="blocks")
-parser.add_argument("--n_head", type=int, default=12, help="attention heads")
-parser.add_argument("--n_embd", type=int, default=768, help="d_model")
-parser.add_argument("--vocab_size", type=int, default=50257, help="vocabulary (the unembedding the KL runs over)")
+parser.add_argument("--window_size", type=positive_int, default=256, help="GPT-Neo's local attention window")
+parser.add_argument("--n_layer", type=positive_int, default=12, help="blocks")
+parser.add_argument("--n_head", type=positive_int, default=12, help="attention heads")
+parser.add_argument("--n_embd", type=positive_int, default=768, help="d_model")
+parser.add_argument("--vocab_size", type=positive_int, default=50257,
+                    help="vocabulary (the unembedding the KL runs over)")
 # step
-parser.add_argument("--ctx", type=int, default=128, help="tokens per sample")
-parser.add_argument("--batch_size", type=int, default=4, help="samples per step")
-parser.add_argument("--layer", type=int, default=6, help="SAE on the residual stream entering this block")
-parser.add_argument("--dict_ratio", type=float, default=8.0, help="n_dict = dict_ratio * n_embd")
+parser.add_argument("--ctx", type=positive_int, default=128, help="tokens per sample")
+parser.add_argument("--batch_size", type=positive_int, default=4, help="samples per step")
+parser.add_argument("--layer", type=nonneg_int, default=6, help="SAE on the residual stream entering this block")
+parser.add_argument("--dict_ratio", type=positive_float, default=8.0, help="n_dict = dict_ratio * n_embd")
 parser.add_argument("--loss", default="all", choices=["local", "e2e", "e2e_ds", "all"], help="the loss to time; all: each")
-parser.add_argument("--kl_chunk", type=int, default=None,
+parser.add_argument("--kl_chunk", type=positive_int, default=None,
                     help="tokens per fused-KL chunk; if unset, losses.KL_CHUNK for the device (64 CPU, 512 CUDA)")
 # measurement
-parser.add_argument("--steps", type=int, default=5, help="timed steps")
-parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+parser.add_argument("--steps", type=positive_int, default=5, help="timed steps")
+parser.add_argument("--warmup", type=nonneg_int, default=2, help="untimed steps first")
+parser.add_argument("--device", type=nonempty, default="auto", help="cpu, cuda or auto")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
-parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
+parser.add_argument("--compile", action="store_true",
+                    help="torch.compile the GPT blocks, the SAE and the KL's elementwise work per chunk")
 parser.add_argument("--naive", action="store_true", help="also run the reference's way, side by side")
-parser.add_argument("--n_sae", type=int, default=1, help="also time one sweep step of this many SAEs (K > 1)")
+parser.add_argument("--n_sae", type=positive_int, default=1, help="also time one sweep step of this many SAEs (K > 1)")
 parser.add_argument("--no_kl_share", action="store_true", help="in the sweep, recompute the clean side of the KL per SAE")
 parser.add_argument("--json", action="store_true", help="print only the JSON lines")
+parser.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="also profile one step after the timed ones and print its top K ops by self time "
+                         "(CUDA: kernel time), per (loss, path)")
 parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "loss:fast|naive": one measurement
+parser.error = lambda msg: sys.exit(f"bench.py: error: {msg}")  # one line, no usage dump
 
 
 def naive_loss_step(model, sae, idx, args):
@@ -125,7 +133,7 @@ def neo_config(args):
 def measure(args, loss, path):
     """One (loss, path) measurement in this process (path: fast, naive or sweep); returns the JSON dict."""
     from model import GPT, GPTConfig
-    from sae import SAE
+    from sae import new_sae
     from sweep import KL_COEFF
     from train import loss_step, shared_passes
     device = args.device
@@ -135,7 +143,7 @@ def measure(args, loss, path):
         n_embd=args.n_embd, n_inner=4 * args.n_embd)
     model = GPT(cfg).center_writing_weights().to(device).requires_grad_(False).eval()
     k = args.n_sae if path == "sweep" else 1
-    saes = [SAE(cfg.n_embd, int(args.dict_ratio * cfg.n_embd)).to(device) for _ in range(k)]
+    saes = [new_sae(cfg.n_embd, int(args.dict_ratio * cfg.n_embd), device) for _ in range(k)]  # ValueError: no memory
     if args.compile:
         for block in model.transformer.h:
             block.compile()
@@ -143,15 +151,16 @@ def measure(args, loss, path):
             sae.compile()
     opts = [torch.optim.Adam(sae.parameters(), lr=1e-4) for sae in saes]
     step_args = [argparse.Namespace(loss=loss, layer=args.layer, l1=2.0 ** i, kl_coeff=KL_COEFF.get(loss, 0.0),
-                                    ds_coeff=2.5, kl_chunk=args.kl_chunk, batch_size=args.batch_size, ctx=args.ctx)
+                                    ds_coeff=2.5, kl_chunk=args.kl_chunk, batch_size=args.batch_size, ctx=args.ctx,
+                                    compile=args.compile)
                  for i in range(k)]
     idx = torch.randint(0, cfg.vocab_size, (args.batch_size, args.ctx), device=device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    if args.dtype == "bfloat16":
+        model.cast_frozen(torch.bfloat16)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t = time.perf_counter()
+
+    def step():
         with autocast:
             shared = None if path == "naive" else shared_passes(model, idx, step_args, not args.no_kl_share)
         for sae, opt, r in zip(saes, opts, step_args):
@@ -164,15 +173,36 @@ def measure(args, loss, path):
             opt.zero_grad(set_to_none=True)
         del shared
         sync()
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t = time.perf_counter()
+        step()
         times.append(time.perf_counter() - t)
     s = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]  # median
+    top = profile_step(step, device, args.profile) if args.profile else None
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     flops = step_flops(cfg, step_args[0], saes[0].n_dict, k)
     mm = matmul_flops(device, torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
     return dict(loss=loss, path=path, n_sae=k, arch=args.arch, device=device, dtype=args.dtype, compile=args.compile,
                 s_per_step=s, tokens_per_s=args.batch_size * args.ctx / s, peak_mem_mb=peak,
-                step_gflop=flops / 1e9, matmul_gflops=mm / 1e9, mfu=flops / s / mm, threads=torch.get_num_threads())
+                step_gflop=flops / 1e9, matmul_gflops=mm / 1e9, mfu=flops / s / mm, threads=torch.get_num_threads(),
+                **({"profile": top} if top else {}))
+
+
+def profile_step(step, device, k):
+    """The top k ops (CPU) or kernels (CUDA) of one step by self time: [(name, ms, share of the step, calls)]."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    self_us = [(e.self_device_time_total if cuda else e.self_cpu_time_total) for e in events]
+    total = sum(self_us)
+    rows = sorted(zip(events, self_us), key=lambda p: -p[1])[:k]
+    return [(e.key[:90], us / 1000, us / total, e.count) for e, us in rows]
 
 
 def main():
@@ -183,18 +213,29 @@ def main():
         loss, path = args.worker.split(":")
         if args.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
-        print(json.dumps(measure(args, loss, path)))
+        try:
+            print(json.dumps(measure(args, loss, path)))
+        except ValueError as e:
+            sys.exit(str(e))  # the parent reports this last line of stderr
         return
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        sys.exit(f"bench.py: error: --device {args.device!r} is not one of cpu, cuda, cuda:N, auto")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"bench.py: error: --device {args.device!r} asked for, but no CUDA GPU is available")
     if not 0 <= args.layer < args.n_layer:
         sys.exit(f"bench.py: error: --layer {args.layer} is outside 0..{args.n_layer - 1}")
     if args.loss in ("e2e_ds", "all") and args.layer == args.n_layer - 1:
         sys.exit(f"bench.py: error: --loss {args.loss} needs a layer after --layer {args.layer}; use a lower --layer")
     if args.n_embd % args.n_head:
         sys.exit(f"bench.py: error: --n_embd {args.n_embd} is not a multiple of --n_head {args.n_head}")
-    if args.window_size < 1:
-        sys.exit(f"bench.py: error: --window_size must be >= 1, got {args.window_size}")
-    if args.n_sae < 1:
-        sys.exit(f"bench.py: error: --n_sae must be >= 1, got {args.n_sae}")
+    if int(args.dict_ratio * args.n_embd) < 1:
+        sys.exit(f"bench.py: error: --dict_ratio {args.dict_ratio:g} gives no features at --n_embd {args.n_embd}")
+    from sae import check_fits
+    try:  # the sweep step holds --n_sae SAEs at once
+        check_fits(args.n_embd, int(args.dict_ratio * args.n_embd), args.device, k=args.n_sae,
+                   what=f"--dict_ratio {args.dict_ratio:g}")
+    except ValueError as e:
+        sys.exit(f"bench.py: error: {e}")
     losses = ["local", "e2e", "e2e_ds"] if args.loss == "all" else [args.loss]
     rows = []
     for loss in losses:
@@ -207,7 +248,7 @@ def main():
                 sys.exit(f"bench.py: error: {loss}/{path} failed: {p.stderr.strip().splitlines()[-1]}")
             r = json.loads(p.stdout.strip().splitlines()[-1])
             rows.append(r)
-            print(json.dumps(r), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
     if args.json:
         return
     neo = f" (GPT-Neo, window {args.window_size})" if args.arch == "gpt_neo" else ""
@@ -224,6 +265,12 @@ def main():
         path = f"sweep x{r['n_sae']}" if r["path"] == "sweep" else r["path"]
         print(f"{r['loss']:8s} {path:9s} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_mem_mb']:8.0f} "
               f"{r['mfu']:6.2f} {gain:>8s} {vs}")
+    for r in rows if args.profile else []:
+        print(f"\nprofile of one {r['loss']} {r['path']} step: top {args.profile} by self "
+              f"{'GPU' if r['device'].startswith('cuda') else 'CPU'} time")
+        print(f"{'ms':>8s} {'share':>6s} {'calls':>6s}  name")
+        for name, ms, share, calls in r["profile"]:
+            print(f"{ms:8.2f} {share:6.1%} {calls:6d}  {name}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 import features
+from cli import nonempty, nonneg_int, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ("the of and to in is was for on that with as by at from it his an were are which this be or had not but "
@@ -138,17 +139,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("what", choices=["collect", "page"], help="what to time")
-    parser.add_argument("--tmp", default="/tmp/nanosae_bench_features", help="scratch folder")
-    parser.add_argument("--n_tokens", type=int, default=100_000, help="collect: tokens")
-    parser.add_argument("--ratio", type=int, default=8, help="collect: SAE features per model dimension")
-    parser.add_argument("--layer", type=int, default=6, help="collect: the SAE's layer")
-    parser.add_argument("--batch_size", type=int, default=8, help="collect: rows of 1024 tokens per forward")
-    parser.add_argument("--l0", type=int, default=0, help="collect: set the biases for about this L0 (0: untrained)")
-    parser.add_argument("--device", default="cpu", help="collect: device")
-    parser.add_argument("--n", type=int, default=46_080, help="page: features in the index")
-    parser.add_argument("--page_rows", type=int, default=100, help="page: rows per page of the paged index")
-    parser.add_argument("--repeat", type=int, default=3, help="runs: collect reports the fastest, page the median")
+    parser.add_argument("--tmp", type=nonempty, default="/tmp/nanosae_bench_features", help="scratch folder")
+    parser.add_argument("--n_tokens", type=positive_int, default=100_000, help="collect: tokens")
+    parser.add_argument("--ratio", type=positive_int, default=8, help="collect: SAE features per model dimension")
+    parser.add_argument("--layer", type=nonneg_int, default=6, help="collect: the SAE's layer")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="collect: rows of 1024 tokens per forward")
+    parser.add_argument("--l0", type=nonneg_int, default=0,
+                        help="collect: set the biases for about this L0 (0: untrained)")
+    parser.add_argument("--device", type=nonempty, default="cpu", help="collect: device")
+    parser.add_argument("--n", type=positive_int, default=46_080, help="page: features in the index")
+    parser.add_argument("--page_rows", type=positive_int, default=100, help="page: rows per page of the paged index")
+    parser.add_argument("--repeat", type=positive_int, default=3,
+                        help="runs: collect reports the fastest, page the median")
+    parser.error = lambda msg: sys.exit(f"bench_features.py: error: {msg}")  # one line, no usage dump
     args = parser.parse_args()
+    if args.layer >= 12:  # the random GPT-2 small of collect
+        parser.error(f"--layer {args.layer} is outside 0..11 (GPT-2 small's 12 layers)")
+    if args.l0 >= args.ratio * 768:
+        parser.error(f"--l0 {args.l0} must be below the SAE's {args.ratio * 768} features (--ratio {args.ratio} x 768)")
     os.makedirs(args.tmp, exist_ok=True)
     if args.what == "collect":
         collect(args.tmp, args.n_tokens, args.ratio, args.layer, args.batch_size, args.device, args.l0, args.repeat)

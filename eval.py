@@ -52,7 +52,8 @@ import time
 
 import torch
 
-from losses import logit_stats
+from cli import nonempty, nonneg_int, positive_int
+from losses import logit_stats, mm_dtype
 
 
 class _Moments:
@@ -110,7 +111,8 @@ class _Sums:
 
     def add(self, model, idx, x, x_hat, c, clean, spliced):
         ln_f = model.transformer.ln_f
-        for k, v in logit_stats(ln_f(spliced[-1]), ln_f(clean[-1]), model.lm_head.weight, idx).items():
+        W_U = model.unembedding(mm_dtype(x))
+        for k, v in logit_stats(ln_f(spliced[-1]), ln_f(clean[-1]), W_U, idx, vocab=model.config.vocab_size).items():
             self.logits[k] += v
         active = c > 0                                                         # (B, T, n_dict)
         fired = active.reshape(-1, active.size(-1)).sum(0, dtype=torch.float64)
@@ -230,10 +232,12 @@ def prepare(source, model_name=None, dataset=None, ctx=None, eval_samples=None, 
         raise ValueError(f"--alive_tokens must be >= 0, got {alive_tokens}")
     sae, cfg, _ = load_any(source, device)
     run = cfg.get("args", {})
-    name = model_name or cfg.get("model") or "gpt2"
-    dataset = dataset or run.get("dataset") or "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
-    ctx = ctx or run.get("ctx") or 1024
-    n = eval_samples or run.get("eval_samples", 500)
+    # a flag given wins; None: the source's record, else the default (never `or`: 0 or '' is not "unset")
+    name = model_name if model_name is not None else cfg.get("model") or "gpt2"
+    dataset = dataset if dataset is not None else \
+        run.get("dataset") or "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
+    ctx = ctx if ctx is not None else run.get("ctx") or 1024
+    n = eval_samples if eval_samples is not None else run.get("eval_samples", 500)
     if n <= 0 or ctx <= 0:
         raise ValueError(f"--eval_samples and --ctx must be > 0, got {n} and {ctx}")
     if ctx < 2:
@@ -245,8 +249,8 @@ def prepare(source, model_name=None, dataset=None, ctx=None, eval_samples=None, 
                          f"({c.n_layer} layers, d {c.n_embd}); give the right --model")
     if ctx > c.n_positions:
         raise ValueError(f"--ctx {ctx} is above model {name!r}'s context of {c.n_positions}")
-    eval_rows, extra, held_out, notes = plan_rows(cfg, dataset, ctx, n, alive_tokens,
-                                                  data_dir or run.get("data_dir") or DEFAULT_CACHE)
+    data_dir = data_dir if data_dir is not None else run.get("data_dir") or DEFAULT_CACHE
+    eval_rows, extra, held_out, notes = plan_rows(cfg, dataset, ctx, n, alive_tokens, data_dir)
     top = max(int(r.max()) if len(r) else 0 for r in (eval_rows, extra))
     if top >= c.vocab_size:
         raise ValueError(f"dataset {dataset!r} has token id {top}, outside model {name!r}'s vocabulary of {c.vocab_size}")
@@ -287,18 +291,25 @@ def format_metrics(m):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate an SAE (run folder, Apollo .pt or SAELens folder) "
                                      "spliced into its GPT-2.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("source", help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
+    parser.add_argument("source", type=nonempty,
+                        help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
     # model and data (unset: the source's own record, else gpt2 / Apollo's OpenWebText / 1024)
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=nonempty, default=None,
                         help="hub id or local save_pretrained folder; if unset, the source's model, else gpt2")
-    parser.add_argument("--dataset", default=None, help="token source: hub dataset or local file / folder; if unset, "
+    parser.add_argument("--dataset", type=nonempty, default=None,
+                        help="token source: hub dataset or local file / folder; if unset, "
                         "the source's dataset, else Apollo's pre-tokenised OpenWebText")
-    parser.add_argument("--ctx", type=int, default=None, help="tokens per row; if unset, the source's ctx, else 1024")
-    parser.add_argument("--data_dir", default=None, help="token cache folder; if unset, the run's, else ~/.cache/nanosae")
+    parser.add_argument("--ctx", type=positive_int, default=None,
+                        help="tokens per row; if unset, the source's ctx, else 1024")
+    parser.add_argument("--data_dir", type=nonempty, default=None,
+                        help="token cache folder; if unset, the run's, else ~/.cache/nanosae")
     # evaluation
-    parser.add_argument("--eval_samples", type=int, default=None, help="eval rows; if unset, the run's, else 500")
-    parser.add_argument("--alive_tokens", type=int, default=500_000, help="count alive over at least this many tokens")
-    parser.add_argument("--batch_size", type=int, default=None, help="rows per batch; if unset, the run's, else 8")
+    parser.add_argument("--eval_samples", type=positive_int, default=None,
+                        help="eval rows; if unset, the run's, else 500")
+    parser.add_argument("--alive_tokens", type=nonneg_int, default=500_000,
+                        help="count alive over at least this many tokens")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help="rows per batch; if unset, the run's, else 8")
     parser.add_argument("--save_firing", action="store_true", help="write firing.safetensors into the run folder")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     # system
@@ -320,7 +331,7 @@ def main(argv=None):
             check_writable(args.source, "--save_firing: run folder")
         p = prepare(args.source, args.model, args.dataset, args.ctx, args.eval_samples, args.alive_tokens, device,
                     args.data_dir)
-        bs = args.batch_size or p["cfg"].get("args", {}).get("batch_size", 8)
+        bs = args.batch_size if args.batch_size is not None else p["cfg"].get("args", {}).get("batch_size", 8)
         if bs <= 0:
             raise ValueError(f"--batch_size must be > 0, got {bs}")
     except (ValueError, OSError) as e:

@@ -55,6 +55,8 @@ import time
 import numpy as np
 import torch
 
+from cli import nonempty, nonneg_int, positive_int
+
 BINS = 128          # histogram bins per feature; a power of two
 QUANTILES = (0.5, 0.9, 0.99)
 PER = 256           # features per view file (pairs per file in compare mode)
@@ -305,39 +307,41 @@ def compare(a, b, out, match_cap=4096, page_rows=100, **kw):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="A static feature browser for an SAE, or two side by side.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run", metavar="RUN", help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
-    parser.add_argument("--compare", metavar="RUN_B", default=None, help="a second source: pair its features with RUN's")
-    parser.add_argument("--out", required=True, default=argparse.SUPPRESS,
+    parser.add_argument("run", metavar="RUN", type=nonempty,
+                        help="a run folder (sae.json), an Apollo .pt (+ .yaml) or a SAELens folder")
+    parser.add_argument("--compare", metavar="RUN_B", type=nonempty, default=None,
+                        help="a second source: pair its features with RUN's")
+    parser.add_argument("--out", type=nonempty, required=True, default=argparse.SUPPRESS,
                         help="site folder (required): new, empty, or a previous site, which is replaced")
     # model and data (None: the source's own record, else gpt2 / Apollo's OpenWebText / 1024, as eval.py)
-    parser.add_argument("--model", default=None, help="hub id or local save_pretrained folder; None: the source's")
-    parser.add_argument("--dataset", default=None, help="hub dataset or local file / folder; None: the source's")
-    parser.add_argument("--ctx", type=int, default=None, help="tokens per row; None: the source's")
-    parser.add_argument("--data_dir", default=None, help="token cache folder; None: the source's, else ~/.cache/nanosae")
+    parser.add_argument("--model", type=nonempty, default=None,
+                        help="hub id or local save_pretrained folder; None: the source's")
+    parser.add_argument("--dataset", type=nonempty, default=None,
+                        help="hub dataset or local file / folder; None: the source's")
+    parser.add_argument("--ctx", type=positive_int, default=None, help="tokens per row; None: the source's")
+    parser.add_argument("--data_dir", type=nonempty, default=None,
+                        help="token cache folder; None: the source's, else ~/.cache/nanosae")
     # what to collect and show
-    parser.add_argument("--n_tokens", type=int, default=1_000_000, help="held-out tokens to read (whole rows)")
-    parser.add_argument("--k", type=int, default=20, help="top activating contexts per feature")
-    parser.add_argument("--before", type=int, default=12, help="context tokens shown before the maximum")
-    parser.add_argument("--after", type=int, default=4, help="context tokens shown after the maximum")
-    parser.add_argument("--n_logits", type=int, default=10, help="promoted and suppressed tokens per feature")
-    parser.add_argument("--match_cap", type=int, default=4096, help="features a side in the compare matching")
-    parser.add_argument("--page_rows", type=int, default=100, help="table rows per page of the index")
+    parser.add_argument("--n_tokens", type=positive_int, default=1_000_000, help="held-out tokens to read (whole rows)")
+    parser.add_argument("--k", type=positive_int, default=20, help="top activating contexts per feature")
+    parser.add_argument("--before", type=nonneg_int, default=12, help="context tokens shown before the maximum")
+    parser.add_argument("--after", type=nonneg_int, default=4, help="context tokens shown after the maximum")
+    parser.add_argument("--n_logits", type=positive_int, default=10, help="promoted and suppressed tokens per feature")
+    parser.add_argument("--match_cap", type=positive_int, default=4096, help="features a side in the compare matching")
+    parser.add_argument("--page_rows", type=positive_int, default=100, help="table rows per page of the index")
     # system
-    parser.add_argument("--batch_size", type=int, default=8, help="rows per forward pass")
-    parser.add_argument("--chunk", type=int, default=2 ** 22, help="tokens x features of activations at a time")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="rows per forward pass")
+    parser.add_argument("--chunk", type=positive_int, default=2 ** 22,
+                        help="tokens x features of activations at a time")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.error = lambda msg: sys.exit(f"features.py: error: {msg}")
     args = parser.parse_args(argv)
     from interop import source_format
     try:
-        for name in ("n_tokens", "k", "n_logits", "match_cap", "page_rows", "batch_size", "chunk", "before", "after"):
-            if getattr(args, name) < (0 if name in ("before", "after") else 1):
-                raise ValueError(f"--{name} must be {'>= 0' if name in ('before', 'after') else '> 0'}, "
-                                 f"got {getattr(args, name)}")
         if args.device != "auto" and not (args.device == "cpu" or args.device.startswith("cuda")):
             raise ValueError(f"--device {args.device!r} is not one of cpu, cuda, cuda:N, auto")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        for src in filter(None, (args.run, args.compare)):
+        for src in [args.run] + ([args.compare] if args.compare is not None else []):
             source_format(src)
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out!r} is a file; give a folder (new, empty, or a previous site)")
@@ -349,7 +353,7 @@ def main(argv=None):
         kw = dict(n_tokens=args.n_tokens, k=args.k, before=args.before, after=args.after, n_logits=args.n_logits,
                   batch_size=args.batch_size, chunk=args.chunk, device=device, model_name=args.model,
                   dataset=args.dataset, ctx=args.ctx, data_dir=args.data_dir)
-        if args.compare:
+        if args.compare is not None:
             compare(args.run, args.compare, args.out, args.match_cap, args.page_rows, **kw)
         else:
             write_site(args.out, gather(args.run, **kw), args.run, args.page_rows)

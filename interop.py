@@ -38,6 +38,7 @@ import sys
 
 import torch
 
+from cli import nonempty
 from files import check_target, replace_dir, write_bytes, write_error
 from sae import SAE, load_sae, save_sae, save_tensors
 
@@ -275,16 +276,20 @@ def main(argv=None):
                                 ("export-saelens", "a run folder (or any source) -> a SAELens folder",
                                  "a run folder, a SAELens folder or an Apollo .pt", "the SAELens folder to write")):
         p = sub.add_parser(cmd, help=what, formatter_class=fmt)
-        p.add_argument("src", help=src), p.add_argument("out_dir", help=out + " (missing or empty)")
+        p.add_argument("src", type=nonempty, help=src)
+        p.add_argument("out_dir", type=nonempty, help=out + " (missing or empty)")
         p.add_argument("--force", action="store_true", help="replace a non-empty out_dir whole (nothing of it remains)")
     p = sub.add_parser("push", help="upload a folder to a hub model repo", formatter_class=fmt)
-    p.add_argument("folder", help="the folder to upload (ckpt.pt and temp files are left out)")
-    p.add_argument("repo", help="hub model repo, USER/NAME (created if missing)")
-    p.add_argument("--path_in_repo", default=None, help="put the files in this folder of the repo; if unset, its root")
+    p.add_argument("folder", type=nonempty, help="the folder to upload (ckpt.pt and temp files are left out)")
+    p.add_argument("repo", type=nonempty, help="hub model repo, USER/NAME (created if missing)")
+    p.add_argument("--path_in_repo", type=nonempty, default=None,
+                   help="put the files in this folder of the repo; if unset, its root")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p = sub.add_parser("pull", help="download a hub repo (or one folder of it)", formatter_class=fmt)
-    p.add_argument("repo", help="hub model repo, USER/NAME"), p.add_argument("out_dir", help="where to download it")
-    p.add_argument("--path_in_repo", default=None, help="download only this folder of the repo; if unset, all of it")
+    p.add_argument("repo", type=nonempty, help="hub model repo, USER/NAME")
+    p.add_argument("out_dir", type=nonempty, help="where to download it")
+    p.add_argument("--path_in_repo", type=nonempty, default=None,
+                   help="download only this folder of the repo; if unset, all of it")
     for p in sub.choices.values():
         p.error = parser.error
     args = parser.parse_args(argv)

@@ -51,59 +51,132 @@ def kl_div(logits, logits_clean):
     return F.kl_div(lp, lp_clean, log_target=True, reduction="batchmean")
 
 
-def _mm_dtype(t):
+def mm_dtype(t):
     """The dtype autocast would run a matmul on t in (fp32 when autocast is off)."""
     dev = t.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
 
 
-def _logits(h, W, i, j):
-    """fp32 logits (j−i, V) of rows i:j; h and W already in the matmul dtype."""
-    return (h[i:j] @ W.t()).float()
+PAD_LOGIT = -1e30  # a padded vocabulary column's logit: exp() is exactly 0, and log p_clean − log p exactly 0
 
 
-def _clean_chunk(hc_mm, W_mm, i, j):
-    """(log p_clean, p_clean), each (j−i, V) fp32, of rows i:j."""
-    lp_clean = torch.log_softmax(_logits(hc_mm, W_mm, i, j), dim=-1)
-    return lp_clean, lp_clean.exp()
+class _Chunks:
+    """The (n, V_pad) buffers of a chunked pass over the vocabulary, allocated once and reused by every
+    chunk: on CPU a fresh multi-MB tensor per op costs page faults that took about as long as the op.
+    W: (V_pad, C) unembedding already in the matmul dtype dt, rows V.. zero (model.unembedding pads it).
+    f32 names fp32 buffers, raw names buffers in dt (the GEMM's own output, for the compiled path)."""
+
+    def __init__(self, W, vocab, n, f32=(), raw=()):
+        self.W, self.V = W, vocab
+        self.buf = {**{k: self._new(n, torch.float32) for k in f32}, **{k: self._new(n, W.dtype) for k in raw}}
+        self.stage = self._new(n, W.dtype) if W.dtype != torch.float32 and f32 else None  # dt GEMM out -> fp32
+
+    def _new(self, n, dtype):
+        return torch.empty(n, self.W.size(0), dtype=dtype, device=self.W.device)
+
+    def get(self, name, n):
+        return self.buf[name][:n]
+
+    def logits(self, h, i, j, out):
+        """The logits of rows i:j into out (n, V_pad), the padded columns at PAD_LOGIT."""
+        if out.dtype == self.W.dtype:
+            torch.mm(h[i:j], self.W.t(), out=out)
+        else:
+            out.copy_(torch.mm(h[i:j], self.W.t(), out=self.stage[:j - i]))  # the GEMM in dt, then fp32
+        out[:, self.V:] = PAD_LOGIT
+        return out
+
+    def log_softmax(self, x, out):
+        return torch.ops.aten._log_softmax.out(x, 1, False, out=out)
+
+    def grad(self, dlogits, out):
+        """dlogits (n, V_pad) @ W -> out (n, C) fp32, the GEMM in W's dtype."""
+        if dlogits.dtype != self.W.dtype:
+            dlogits = self.stage[:dlogits.size(0)].copy_(dlogits)
+        if out.dtype == self.W.dtype:
+            return torch.mm(dlogits, self.W, out=out)
+        return out.copy_(dlogits @ self.W)
 
 
 @torch.no_grad()
-def clean_logprobs(h_clean, W, chunk_size=None):
+def clean_logprobs(h_clean, W, chunk_size=None, vocab=None):
     """The clean side of fused_kl_div, computed once to be shared by several SAEs spliced into the same
-    batch (train.py sweeps): log p_clean per chunk, N·V fp32 in all (p_clean = its exp is redone per use:
-    one elementwise pass, against a second N·V buffer). Passing it as fused_kl_div(..., clean=) gives
-    bitwise the same KL and gradient as recomputing it: the same operations on the same values."""
+    batch (train.py sweeps): log p_clean per chunk, N·V_pad fp32 in all. Passing it as
+    fused_kl_div(..., clean=) gives bitwise the same KL and gradient as recomputing it: the same operations
+    on the same values."""
     C = h_clean.size(-1)
     chunk_size = chunk_size or kl_chunk(h_clean.device)
-    dt = _mm_dtype(h_clean)
+    dt = mm_dtype(h_clean)
     hc_mm, W_mm = h_clean.reshape(-1, C).to(dt), W.to(dt)
-    return [_clean_chunk(hc_mm, W_mm, i, min(i + chunk_size, hc_mm.size(0)))[0]
-            for i in range(0, hc_mm.size(0), chunk_size)]
+    N = hc_mm.size(0)
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, N), f32=["z"])
+    out = []
+    with torch.autocast(h_clean.device.type, enabled=False):
+        for i in range(0, N, chunk_size):
+            j = min(i + chunk_size, N)
+            z = bufs.logits(hc_mm, i, j, bufs.get("z", j - i))
+            out.append(bufs.log_softmax(z, torch.empty_like(z)))
+    return out
+
+
+def _kl_chunk(z, zc, clean_is_logits):
+    """The elementwise part of one chunk as one function, for torch.compile (fused_kl_div(compiled=True)):
+    Σ p_clean (log p_clean − log p) over the chunk, and dlogits = softmax(z) − p_clean written into z.
+    z, zc: the logits as the GEMM wrote them (bf16 under autocast: the casts fuse in too); zc may be
+    log p_clean already (clean_is_logits False). The softmaxes and the sum are fp32. Compiled, it is two
+    passes over the chunk (inductor fuses the row reductions, then the rest) instead of eager's nine."""
+    lc = torch.log_softmax(zc.float(), -1) if clean_is_logits else zc
+    lp = torch.log_softmax(z.float(), -1)
+    pc = lc.exp()
+    kl = (pc * (lc - lp)).sum()
+    z.copy_(lp.exp() - pc)  # in z's dtype: the matmul dtype of the gradient GEMM
+    return kl
+
+
+_compiled = {}  # torch.compile(_kl_chunk), made on first use
+
+
+def _kl_chunk_compiled():
+    if "kl" not in _compiled:
+        _compiled["kl"] = torch.compile(_kl_chunk, dynamic=False, fullgraph=True)
+    return _compiled["kl"]
 
 
 class _FusedKL(torch.autograd.Function):
+    """Per chunk of n tokens, four (n, V_pad) fp32 buffers and no other (n, V) tensor:
+        z   logits, then log p_clean − log p          lp   log p, then softmax − softmax_clean = dlogits
+        lc  log p_clean (or the shared chunk)          pc   p_clean
+    KL += Σ pc (lc − lp) as one dot; grad_h[rows] = dlogits @ W_U."""
 
     @staticmethod
-    def forward(ctx, h, h_clean, W, chunk_size, clean):
+    def forward(ctx, h, h_clean, W, chunk_size, clean, vocab, compiled):
         N = h.size(0)
-        dt = _mm_dtype(h)
+        dt = mm_dtype(h)
         h_mm, W_mm = h.to(dt), W.to(dt)
         hc_mm = h_clean.to(dt) if clean is None else None
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for k, i in enumerate(range(0, N, chunk_size)):
-            j = min(i + chunk_size, N)
-            lp = torch.log_softmax(_logits(h_mm, W_mm, i, j), dim=-1)        # (n, V)
-            lp_clean, p_clean = _clean_chunk(hc_mm, W_mm, i, j) if clean is None else (clean[k], clean[k].exp())
-            # Σ p_clean (log p_clean − log p) as one dot; in place unless the clean chunk is shared
-            diff = lp_clean.sub_(lp) if clean is None else lp_clean - lp
-            total += torch.dot(p_clean.view(-1), diff.view(-1))
-            if need_grad:
-                dlogits = lp.exp_().sub_(p_clean)                             # (n, V) softmax − softmax_clean
-                grad_h[i:j] = (dlogits.to(dt) @ W_mm).float()                 # (n, C), divided by N below
-            del lp, lp_clean, p_clean, diff
+        clean_buf = ["lc"] * (clean is None)
+        bufs = _Chunks(W_mm, vocab, min(chunk_size, N), raw=["z"] + clean_buf) if compiled else \
+            _Chunks(W_mm, vocab, min(chunk_size, N), f32=["z", "lp", "pc"] + clean_buf)
+        with torch.autocast(h.device.type, enabled=False):  # every op below picks its dtype itself
+            for k, i in enumerate(range(0, N, chunk_size)):
+                j, n = min(i + chunk_size, N), min(i + chunk_size, N) - i
+                z = bufs.logits(h_mm, i, j, bufs.get("z", n))                                # (n, V_pad)
+                if compiled:  # the same in two fused passes; dlogits end up in z
+                    zc = clean[k] if clean is not None else bufs.logits(hc_mm, i, j, bufs.get("lc", n))
+                    total += _kl_chunk_compiled()(z, zc, clean is None)
+                    dlogits = z
+                else:
+                    lp, pc = bufs.log_softmax(z, bufs.get("lp", n)), bufs.get("pc", n)       # log p
+                    lc = clean[k] if clean is not None else \
+                        bufs.log_softmax(bufs.logits(hc_mm, i, j, z), bufs.get("lc", n))      # log p_clean
+                    torch.exp(lc, out=pc)                                                     # p_clean
+                    total += torch.dot(pc.view(-1), torch.sub(lc, lp, out=z).view(-1))        # Σ pc (lc − lp)
+                    dlogits = lp.exp_().sub_(pc) if need_grad else None                       # p − p_clean
+                if need_grad:
+                    bufs.grad(dlogits, grad_h[i:j])                                           # (n, C)
         if need_grad:
             grad_h.div_(N)
         ctx.save_for_backward(grad_h)
@@ -113,41 +186,51 @@ class _FusedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return (grad_out * grad_h).to(ctx.h_dtype), None, None, None, None
+        return (grad_out * grad_h).to(ctx.h_dtype), None, None, None, None, None, None
 
 
-def fused_kl_div(h, h_clean, W, chunk_size=None, clean=None):
+def fused_kl_div(h, h_clean, W, chunk_size=None, clean=None, vocab=None, compiled=False):
     """KL(p_clean ‖ p) with p = softmax(h W_Uᵀ), p_clean = softmax(h_clean W_Uᵀ), mean over tokens.
-    h, h_clean: (..., C) final hidden states (after ln_f); W: (V, C) unembedding, frozen.
-    Equal to kl_div(h @ W.T, h_clean @ W.T); the gradient flows to h only. clean: clean_logprobs(h_clean, W,
-    chunk_size) when several SAEs share it (then h_clean is not read)."""
+    h, h_clean: (..., C) final hidden states (after ln_f); W: (V, C) unembedding, frozen, or (V_pad, C) with
+    zero rows from vocab = V on (model.unembedding: aligned GEMMs; the padded logits are masked out, so the
+    KL is that of the V real ones). Equal to kl_div(h @ W[:V].T, h_clean @ W[:V].T); the gradient flows
+    to h only. clean: clean_logprobs(h_clean, W, chunk_size, vocab) when several SAEs share it (then
+    h_clean is not read). compiled: the elementwise part of each chunk through torch.compile (Triton on
+    CUDA, C++ on CPU; about 2x faster there, after a compile of some seconds); equal up to rounding."""
     C = h.size(-1)
     chunk_size = chunk_size or kl_chunk(h.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab = vocab or W.size(0)
+    if not 0 < vocab <= W.size(0):
+        raise ValueError(f"vocab {vocab} must be in 1..{W.size(0)}, the rows of W")
     N = h.reshape(-1, C).size(0)
     if clean is not None and [c.size(0) for c in clean] != [min(chunk_size, N - i) for i in range(0, N, chunk_size)]:
         raise ValueError(f"clean's chunks are not those of {N} tokens by {chunk_size}")
-    return _FusedKL.apply(h.reshape(-1, C), h_clean.detach().reshape(-1, C), W.detach(), chunk_size, clean)
+    return _FusedKL.apply(h.reshape(-1, C), h_clean.detach().reshape(-1, C), W.detach(), chunk_size, clean, vocab,
+                          compiled)
 
 
 @torch.no_grad()
-def logit_stats(h, h_clean, W, idx, chunk_size=None):
-    """Sums for eval from hidden states (B, T, C) and token ids (B, T), chunked like fused_kl_div:
-    kl = Σ over all B·T positions of KL(clean ‖ spliced); ce, ce_clean = Σ over positions 0..T−2 of the
-    next-token cross-entropy; n_kl, n_ce = the counts. Divide to get means."""
+def logit_stats(h, h_clean, W, idx, chunk_size=None, vocab=None):
+    """Sums for eval from hidden states (B, T, C) and token ids (B, T), chunked like fused_kl_div (W and
+    vocab as there): kl = Σ over all B·T positions of KL(clean ‖ spliced); ce, ce_clean = Σ over positions
+    0..T−2 of the next-token cross-entropy; n_kl, n_ce = the counts. Divide to get means."""
     B, T, C = h.shape
     chunk_size = chunk_size or kl_chunk(h.device)
-    dt = _mm_dtype(h)
+    dt = mm_dtype(h)
     W_mm = W.to(dt)
     h_mm, hc_mm = h.reshape(-1, C).to(dt), h_clean.reshape(-1, C).to(dt)
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1).reshape(-1)  # last pos ignored
     out = dict(kl=0.0, ce=0.0, ce_clean=0.0, n_kl=B * T, n_ce=B * (T - 1))
-    for i in range(0, B * T, chunk_size):
-        j = min(i + chunk_size, B * T)
-        logits, logits_clean = _logits(h_mm, W_mm, i, j), _logits(hc_mm, W_mm, i, j)
-        lp, lp_clean = torch.log_softmax(logits, -1), torch.log_softmax(logits_clean, -1)
-        out["kl"] += (lp_clean.exp() * (lp_clean - lp)).sum().item()
-        out["ce"] += F.nll_loss(lp, targets[i:j], reduction="sum", ignore_index=-100).item()
-        out["ce_clean"] += F.nll_loss(lp_clean, targets[i:j], reduction="sum", ignore_index=-100).item()
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T), f32=["z", "lp", "lc"])
+    with torch.autocast(h.device.type, enabled=False):
+        for i in range(0, B * T, chunk_size):
+            j, n = min(i + chunk_size, B * T), min(i + chunk_size, B * T) - i
+            z, lp, lc = bufs.get("z", n), bufs.get("lp", n), bufs.get("lc", n)
+            bufs.log_softmax(bufs.logits(h_mm, i, j, z), lp)
+            bufs.log_softmax(bufs.logits(hc_mm, i, j, z), lc)
+            out["kl"] += torch.dot(torch.exp(lc, out=z).view(-1), (lc - lp).view(-1)).item()
+            out["ce"] += F.nll_loss(lp, targets[i:j], reduction="sum", ignore_index=-100).item()
+            out["ce_clean"] += F.nll_loss(lc, targets[i:j], reduction="sum", ignore_index=-100).item()
     return out

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 MODEL_TYPES = ("gpt2", "gpt_neo")
 TINYSTORIES_1M = "roneneldan/TinyStories-1M"
+VOCAB_PAD = 128  # unembedding(): the vocabulary of the KL GEMMs is padded to a multiple of this
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
@@ -111,6 +112,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.centered = False
+        self._unembed = {}  # unembedding()'s padded copy
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
@@ -160,6 +162,35 @@ class GPT(nn.Module):
     def forward(self, idx):
         """Token ids (B, T) -> logits (B, T, V), at every position."""
         return self.forward_from_layer(self.forward_to_layer(idx, 0), 0)[0]
+
+    @torch.no_grad()
+    def unembedding(self, dtype=None):
+        """W_U for the KL and eval GEMMs, (V_pad, C) in dtype (default: lm_head's): lm_head's weight with
+        zero rows appended up to a multiple of VOCAB_PAD, so the (n, V) operands are aligned (on an H100,
+        GPT-2's V = 50,257 gets an sm75 fallback kernel at 95 TFLOP/s in bf16; padded, 600+). Pass
+        vocab=config.vocab_size to the losses, which mask the padded logits. Made once per (dtype, device)
+        and kept: the model is frozen. On CPU in fp32 it is lm_head's weight itself: a copy would cost V×C
+        floats (154 MB for GPT-2 small) for a few % there."""
+        W = self.lm_head.weight
+        dtype = dtype or W.dtype
+        if W.device.type == "cpu" and dtype == W.dtype:
+            return W
+        key = (dtype, W.device, W._version)
+        if key not in self._unembed:
+            V_pad = -(-W.size(0) // VOCAB_PAD) * VOCAB_PAD
+            self._unembed = {key: torch.cat([W, W.new_zeros(V_pad - W.size(0), W.size(1))]).to(dtype)}
+        return self._unembed[key]
+
+    @torch.no_grad()
+    def cast_frozen(self, dtype):
+        """Keep the blocks' matmul weights (every nn.Linear) in dtype, made once: under autocast to dtype
+        they are then used as they are instead of being cast again at every call, the same arithmetic
+        (bitwise). Embeddings, layer norms and the residual stream stay fp32. Only for use under autocast;
+        train.py and bench.py call it with --dtype bfloat16."""
+        for m in self.transformer.h.modules():
+            if isinstance(m, nn.Linear):
+                m.to(dtype)
+        return self
 
     @torch.no_grad()
     def center_writing_weights(self):

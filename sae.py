@@ -78,3 +78,41 @@ def load_sae(out_dir, device="cpu"):
     except Exception as e:
         raise ValueError(f"{path!r} is not a valid SAE file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return sae.to(device), cfg
+
+
+def train_bytes(d, n_dict):
+    """Bytes one SAE needs to train, in fp32: its parameters (2·d·n_dict + n_dict + d), their gradients and
+    Adam's two moments, 4 × 4 bytes a parameter. Activations come on top (they grow with the batch)."""
+    return 16 * (2 * d * n_dict + n_dict + d)
+
+
+def device_bytes(device):
+    """The memory of device in bytes: a GPU's total (torch.cuda.mem_get_info), else the machine's RAM."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(d, n_dict, device, k=1, what="--dict_ratio"):
+    """ValueError (one line: the estimate and the limit) when k SAEs of d × n_dict cannot train on device even
+    without activations: train_bytes × k above the device's whole memory. Called before anything is written."""
+    need, have = k * train_bytes(d, n_dict), device_bytes(device)
+    if need > have:
+        sweep = f" x {k} SAEs" if k > 1 else ""
+        where = f"memory on {device}" if str(device).startswith("cuda") else "RAM"
+        raise ValueError(f"{what} gives {n_dict:,} features at d {d}: training needs about {need / 2 ** 30:,.1f} GiB "
+                         f"(parameters, gradients and Adam state in fp32{sweep}), more than the "
+                         f"{have / 2 ** 30:,.1f} GiB of {where}")
+
+
+def new_sae(d, n_dict, device):
+    """SAE(d, n_dict) on device; an allocator failure (torch.OutOfMemoryError, or the CPU allocator's
+    RuntimeError) becomes a one-line ValueError, any other error stays as it is."""
+    try:
+        return SAE(d, n_dict).to(device)
+    except RuntimeError as e:
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"out of memory allocating an SAE of {n_dict:,} features at d {d} on {device} "
+                         f"({type(e).__name__}: {first})") from None

@@ -22,8 +22,9 @@ pass (and the clean side of the KL), so a sweep of K costs far less than K runs.
 Long runs: --out_dir gets ckpt.pt (every SAE) every --save_every samples and on SIGTERM/SIGINT (the step
 finishes, then it saves and exits with 128 + the signal). A run killed in any way continues from its last
 checkpoint exactly as if never stopped: with --resume, or by running the same command again. A step with a
-non-finite loss or gradient is skipped for that SAE; --max_bad_steps in a row stop the run. One train.py at a time
-per --out_dir (a lock); a new run refuses a folder holding another program's run files (see checkpoint.py).
+non-finite loss or gradient, or where the SAE diverges (loss or weight norm 1e6 times its first step's), is
+skipped for that SAE; --max_bad_steps in a row stop the run. One train.py at a time per --out_dir (a lock); a
+new run refuses a folder holding another program's run files (see checkpoint.py).
 DDP: --batch_size is per process, --grad_accum counts micro-batches over all processes, so the samples per
 step (batch_size * grad_accum) and the result do not depend on the number of processes (nor does a resume).
 """
@@ -45,8 +46,9 @@ import torch
 
 from checkpoint import (PER_SAE, append_eval_log, check_out_dir, check_resumable, load_checkpoint, restore_rng,
                         save_checkpoint, trim_eval_log)
+from cli import nonempty, nonneg_int
 from files import file_id, lock_run, unlock_run, write_error
-from losses import clean_logprobs, downstream_mse, fused_kl_div, mse_loss, sparsity_loss
+from losses import clean_logprobs, downstream_mse, fused_kl_div, mm_dtype, mse_loss, sparsity_loss
 from sweep import TINYSTORIES_HELP, check_args, check_init, check_model, model_defaults, plan_runs
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -55,7 +57,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 # model
-parser.add_argument("--model", default="gpt2", help="hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder")
+parser.add_argument("--model", type=nonempty, default="gpt2",
+                    help="hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder")
 parser.add_argument("--layer", default="6", help="SAE on the residual stream entering this block; a comma list sweeps")
 parser.add_argument("--no_center", action="store_true", help="do not centre the residual stream (center_writing_weights)")
 # sae and loss
@@ -67,20 +70,23 @@ parser.add_argument("--l1", nargs="+", default=None, help="sparsity coefficient 
 parser.add_argument("--kl_coeff", type=float, default=None, help="default 1.0 (e2e), 0.5 (e2e_ds)")
 parser.add_argument("--ds_coeff", type=float, default=None, help="β of the downstream MSE; default 2.5 (layers 2, 6), "
                     "0.05 (layer 10), nearest of those for other layers")
-parser.add_argument("--ds_layers", default="all", help="e2e_ds: the later residuals of the downstream MSE (blocks they "
+parser.add_argument("--ds_layers", type=nonempty, default="all",
+                    help="e2e_ds: the later residuals of the downstream MSE (blocks they "
                     "enter): all (the paper), next, next:N, last, or a comma list of block indices after --layer")
 # ablations: start from an SAE, or train the first part of the run as local
-parser.add_argument("--init_from", default=None, help="start every SAE from this one (a run folder, an Apollo .pt or a "
+parser.add_argument("--init_from", type=nonempty, default=None,
+                    help="start every SAE from this one (a run folder, an Apollo .pt or a "
                     "SAELens folder) with a fresh optimizer; --layer, --dict_ratio, --model and centring default to its")
 parser.add_argument("--local_frac", type=float, default=0.0, help="train the first this fraction of the samples with "
                     "the local loss (λ --local_l1), the rest with --loss, under one LR schedule")
 parser.add_argument("--local_l1", type=float, default=None, help="λ of the local phase of --local_frac; default: the "
                     "paper's local λ for the layer")
 # data
-parser.add_argument("--dataset", default="apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
+parser.add_argument("--dataset", type=nonempty, default="apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
                     help="hub dataset (input_ids or text column) or a local .txt/.jsonl/.parquet file or folder")
 parser.add_argument("--ctx", type=int, default=1024, help="tokens per sample")
-parser.add_argument("--data_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "nanosae"), help="token cache")
+parser.add_argument("--data_dir", type=nonempty, default=os.path.join(os.path.expanduser("~"), ".cache", "nanosae"),
+                    help="token cache")
 # optimization
 parser.add_argument("--n_samples", type=int, default=400_000, help="training samples (rows of ctx tokens)")
 parser.add_argument("--batch_size", type=int, default=8, help="micro-batch, in samples")
@@ -94,20 +100,25 @@ parser.add_argument("--eval_every", type=int, default=20_000, help="evaluate eve
 parser.add_argument("--eval_samples", type=int, default=500, help="held-out rows for evaluation (never trained on)")
 parser.add_argument("--log_every", type=int, default=10, help="log every this many steps")
 parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-parser.add_argument("--wandb_project", default="nanosae", help="W&B project")
+parser.add_argument("--wandb_project", type=nonempty, default="nanosae", help="W&B project")
 # system
-parser.add_argument("--out_dir", default=None, help="default out/{loss}_L{layer} (a sweep: out/sweep_{losses}_L{layers})")
+parser.add_argument("--out_dir", type=nonempty, default=None,
+                    help="default out/{loss}_L{layer} (a sweep: out/sweep_{losses}_L{layers})")
 parser.add_argument("--save_every", type=int, default=20_000, help="checkpoint every this many samples (and at the end)")
 parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir (which must hold one); "
                     "flags not given take the run's values. Without it an unfinished run with the same flags continues")
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
-parser.add_argument("--compile", action="store_true", help="torch.compile the GPT blocks and the SAE")
+parser.add_argument("--compile", action="store_true",
+                    help="torch.compile the GPT blocks, the SAE and the KL's elementwise work per chunk")
 parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per chunk of the fused KL (default 64 on CPU, 512 on CUDA)")
 parser.add_argument("--no_kl_share", action="store_true", help="with several e2e SAEs, recompute the clean side of "
                     "the KL per SAE instead of holding it once (batch_size x ctx x vocab fp32)")
-parser.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many non-finite steps in a row")
-parser.add_argument("--seed", type=int, default=0, help="SAE init and batch order")
+parser.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many bad steps in a row, each "
+                    "skipped: a non-finite loss or gradient, or a diverging SAE: its loss above 1e6 x max(1, its "
+                    "loss at its first step) or its weight norm above 1e6 x its first step's (the initial weights; "
+                    "with --local_frac the reference is taken again at the switch)")
+parser.add_argument("--seed", type=nonneg_int, default=0, help="SAE init and batch order")
 parser.error = lambda msg: sys.exit(f"train.py: error: {msg}")  # one line, no usage dump
 parser.epilog = TINYSTORIES_HELP
 
@@ -123,7 +134,7 @@ def parse_args(argv=None):
     given = {k for k, v in vars(parser.parse_args(argv, namespace=argparse.Namespace(
         **dict.fromkeys(vars(args), unset)))).items() if v is not unset}
     init, adopted = None, {}
-    if args.init_from and not args.resume:
+    if args.init_from is not None and not args.resume:
         from interop import load_any
         src, cfg, _ = load_any(args.init_from)
         init = (src, cfg)
@@ -194,7 +205,7 @@ def shared_passes(model, idx, runs, kl_share=True):
     h_clean = model.transformer.ln_f(x) if e2e else None                 # (B, T, C)
     clean = None
     if kl_share and len(e2e) > 1:
-        clean = clean_logprobs(h_clean, model.lm_head.weight, e2e[0].kl_chunk)
+        clean = clean_logprobs(h_clean, model.unembedding(mm_dtype(h_clean)), e2e[0].kl_chunk, model.config.vocab_size)
     return dict(resid=resid, h_clean=h_clean, clean=clean)
 
 
@@ -204,7 +215,7 @@ def loss_step(model, sae, r, shared, fired=None):
     the spliced suffix with gradients flowing through the frozen blocks into the SAE, against the clean
     final hidden state (KL) and, for e2e_ds, the clean residuals entering blocks r.ds (--ds_layers; all
     later ones in the paper). fired (n_dict,), if given, is incremented by how often each feature fired."""
-    L, ln_f, W_U = r.layer, model.transformer.ln_f, model.lm_head.weight
+    L, ln_f = r.layer, model.transformer.ln_f
     x = shared["resid"][L]                                               # (B, T, C)
     x_hat, c = sae(x)
     parts = dict(sparsity=sparsity_loss(c, x.size(-1)))
@@ -213,7 +224,9 @@ def loss_step(model, sae, r, shared, fired=None):
         loss = parts["mse"] + r.l1 * parts["sparsity"]
     else:
         _, resids = model.forward_from_layer(x_hat.float(), L, logits=False)
-        parts["kl"] = fused_kl_div(ln_f(resids[-1]), shared["h_clean"], W_U, r.kl_chunk, clean=shared["clean"])
+        W_U = model.unembedding(mm_dtype(x))                              # (V_pad, C), aligned GEMMs
+        parts["kl"] = fused_kl_div(ln_f(resids[-1]), shared["h_clean"], W_U, r.kl_chunk, clean=shared["clean"],
+                                   vocab=model.config.vocab_size, compiled=getattr(r, "compile", False))
         loss = r.kl_coeff * parts["kl"] + r.l1 * parts["sparsity"]
         if r.loss == "e2e_ds":  # the residuals entering blocks r.ds (--ds_layers), spliced vs clean
             ds = ds_blocks(r, model.config.n_layer)
@@ -236,6 +249,8 @@ class SAERun:
     fired: torch.Tensor
     bad: int = 0
     module: torch.nn.Module = None  # what the step calls: the SAE, or its DDP wrapper
+    ref: list = None  # [loss, weight norm] at its first step: what diverging() compares with
+    diverged: bool = False  # the bad streak holds a diverging step (warned once)
 
     def sae_cfg(self):
         r = self.r
@@ -247,6 +262,21 @@ class SAERun:
         if step >= switch or self.r.loss == "local":
             return self.r
         return argparse.Namespace(**dict(vars(self.r), loss="local", l1=self.r.local_l1, kl_coeff=0.0, ds_coeff=0.0))
+
+
+DIVERGE = 1e6  # a loss or SAE weight norm this many times its reference counts as a bad step
+
+
+def diverging(s, loss, norm, fresh):
+    """Has SAE s diverged: is the step's loss above DIVERGE x max(1, its reference loss), or the SAE's weight
+    norm (all parameters, entering the step) above DIVERGE x its reference norm? The reference is the loss and
+    norm of the SAE's first step, i.e. of its initial weights; fresh: take it again (the --local_frac switch,
+    where the loss changes kind). A healthy run's loss goes down and its norm changes by a small factor;
+    only a blow-up gets near 1e6. loss, norm: finite floats, the same on every process."""
+    if s.ref is None or fresh:
+        s.ref = [loss, norm]
+        return False
+    return loss > DIVERGE * max(1.0, s.ref[0]) or norm > DIVERGE * s.ref[1]
 
 
 REPORT_GRACE_S = 20  # how long a failed rank > 0 leaves rank 0 to report the same error
@@ -297,6 +327,9 @@ def setup(rank, world):
     check_model(args, runs, model)
     if init is not None:
         check_init(init, args, runs, model)
+    from sae import check_fits  # every SAE of the sweep, on each process's device, before anything is written
+    check_fits(model.config.n_embd, int(args.dict_ratio * model.config.n_embd), device, k=len(runs),
+               what=f"--dict_ratio {args.dict_ratio:g}")
     if ddp and rank > 0:
         torch.distributed.barrier()  # rank 0 tokenises into the cache first; the others then read it
     eval_rows, train_rows, data = load_split(args.dataset, args.ctx, args.eval_samples, args.n_samples,
@@ -308,11 +341,10 @@ def setup(rank, world):
                          f"fewer than one batch of {args.batch_size}")
     if ckpt is not None:
         check_resumable(ckpt, args, runs, data)
-    if rank == 0:  # the first writes, once every check has passed
+    if rank == 0 and ckpt is not None:  # the first writes, once every check has passed (a new run: save(0))
         for r in runs:
             os.makedirs(r.out_dir, exist_ok=True)
-            if ckpt is not None:
-                trim_eval_log(os.path.join(r.out_dir, "eval.jsonl"), ckpt["step"])  # redone from there
+            trim_eval_log(os.path.join(r.out_dir, "eval.jsonl"), ckpt["step"])  # redone from there
     return args, runs, ckpt, init, device, model, (eval_rows, train_rows, data)
 
 
@@ -341,7 +373,7 @@ def main():
     from data import eval_batches, get_batch, sample_rows
     from eval import evaluate_many
     from interop import save_firing
-    from sae import SAE, save_sae
+    from sae import new_sae, save_sae
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere+
         torch.backends.cudnn.allow_tf32 = True
@@ -349,7 +381,12 @@ def main():
     saes = []
     for r in runs:
         torch.manual_seed(args.seed)  # each SAE starts as its single run would, wherever it is in the list
-        sae = SAE(C, int(args.dict_ratio * C)).to(device)
+        try:
+            sae = new_sae(C, int(args.dict_ratio * C), device)
+        except ValueError as e:  # out of memory: one line (check_fits refused what clearly cannot fit)
+            for lock in LOCKS:
+                unlock_run(lock, tidy=True)  # nothing was written yet
+            sys.exit(f"train.py: error: {e}")
         if init is not None and ckpt is None:  # --init_from: its weights, a fresh optimizer
             sae.load_state_dict(init[0].state_dict())
         saes.append(SAERun(r, sae, torch.optim.Adam(sae.parameters(), lr=args.lr),
@@ -365,7 +402,7 @@ def main():
         for s, saved in zip(saes, ckpt["runs"]):
             s.sae.load_state_dict(saved["sae"])
             s.optimizer.load_state_dict(saved["optimizer"])
-            s.bad = saved["bad_steps"]
+            s.bad, s.ref, s.diverged = saved["bad_steps"], saved.get("ref"), saved.get("diverged", False)
             if master:
                 s.fired.copy_(saved["fired"])
         restore_rng(ckpt, device)
@@ -385,6 +422,8 @@ def main():
             s.module = DistributedDataParallel(s.sae, device_ids=[int(device.split(":")[1])] if ":" in device else None)
     accum = args.grad_accum // world  # micro-batches per process
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    if args.dtype == "bfloat16":
+        model.cast_frozen(torch.bfloat16)  # the frozen weights cast once, not at every use
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))  # finish the step, save, exit
@@ -407,7 +446,7 @@ def main():
         if master:
             state = dict(step=next_step, args=vars(args), data=data, wandb_id=wandb_id, runs=[dict(
                 {k: getattr(s.r, k) for k in PER_SAE}, name=s.r.name, bad_steps=s.bad, fired=s.fired.cpu(),
-                sae=s.sae.state_dict(), optimizer=s.optimizer.state_dict()) for s in saes])
+                ref=s.ref, diverged=s.diverged, sae=s.sae.state_dict(), optimizer=s.optimizer.state_dict()) for s in saes])
             save_checkpoint(ckpt_path, finished=False, **state)
             for s in saes:  # after ckpt.pt: an SAE without a checkpoint is not ours
                 save_sae(s.sae, s.r.out_dir, s.sae_cfg())
@@ -447,18 +486,29 @@ def main():
             s.fired.zero_()  # alive_train counts features fired since the last eval
 
     def optimizer_step(s, logs):  # collective: clip, then step unless the loss or gradient is non-finite anywhere
+        # or the SAE diverges (diverging); such a step changes nothing and counts towards --max_bad_steps
         norm = torch.nn.utils.clip_grad_norm_(s.sae.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        nonfinite = torch.tensor(float(not torch.isfinite(logs["loss"])), device=device)
-        if ddp:  # the gradient is already shared; the loss is not
-            dist.all_reduce(nonfinite)
-        if bool(torch.isfinite(norm)) and nonfinite.item() == 0:
+        seen = torch.stack([logs["loss"].float(), norm.float(), torch.nn.utils.get_total_norm(s.sae.parameters())])
+        if ddp:  # the gradient and weights are already shared; the loss is not: its mean (inf or nan if any is)
+            dist.all_reduce(seen)
+            seen /= world
+        loss, norm, w_norm = seen.tolist()
+        nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
+        diverged = not nonfinite and diverging(s, loss, w_norm, fresh=step == switch)
+        if not nonfinite and not diverged:
             s.optimizer.step()
-            s.bad = 0
+            s.bad, s.diverged = 0, False
         else:
             s.bad += 1
-            if master:
-                print(f"step {step:5d} | {tag(s, ' | ')}non-finite loss {logs['loss'].item():.4g} "
-                      f"or grad norm {norm.item():.4g}: skipped ({s.bad} in a row)", flush=True)
+            if master and nonfinite:
+                print(f"step {step:5d} | {tag(s, ' | ')}non-finite loss {loss:.4g} "
+                      f"or grad norm {norm:.4g}: skipped ({s.bad} in a row)", flush=True)
+            elif master and not s.diverged:  # once a streak
+                print(f"step {step:5d} | {tag(s, ' | ')}warning: diverging (over {DIVERGE:g}x the first step's "
+                      f"loss or weight norm): loss {loss:.4g} (first step {s.ref[0]:.4g}), weight norm {w_norm:.4g} "
+                      f"(first step {s.ref[1]:.4g}); skipped, {args.max_bad_steps} such steps in a row stop the run",
+                      flush=True)
+            s.diverged = s.diverged or diverged
         s.optimizer.zero_grad(set_to_none=True)
 
     def log_line(s, logs, dt, elapsed):  # collective: mean over processes, firing counts summed
@@ -487,10 +537,13 @@ def main():
     def stop_nonfinite():  # each SAE is that of its last good step: skipped steps change nothing
         worst = max(saes, key=lambda s: s.bad)
         save(step + 1)
-        leave(f"train.py: error: {worst.bad} non-finite steps in a row (steps {step - worst.bad + 1}..{step})"
+        what, hint = (f"diverging steps in a row (loss or weight norm over {DIVERGE:g}x the first step's, ",
+                      "Start again with a lower --lr") if worst.diverged else \
+            ("non-finite steps in a row (", "Resume with --resume --dtype float32 or a larger --max_bad_steps, or "
+             "start again with a lower --lr")
+        leave(f"train.py: error: {worst.bad} {what}steps {step - worst.bad + 1}..{step})"
               f"{' of ' + worst.r.name if sweep else ''}; stopped, the SAE of the last good step is saved in "
-              f"{worst.r.out_dir}. Resume with --resume --dtype float32 or a larger --max_bad_steps, or start "
-              "again with a lower --lr")
+              f"{worst.r.out_dir}. {hint}")
 
     def stop_by_signal():  # after the checkpoint: exit 128 + the signal, as a shell does
         signum = stop[0] if stop else signal.SIGTERM

@@ -89,3 +89,57 @@ def test_shared_clean_side_is_bitwise_the_same(chunk):
     assert out[0][0].item() == pytest.approx(kl_div(h @ W.T, hc @ W.T).item(), rel=1e-5)
     with pytest.raises(ValueError, match="chunks"):
         fused_kl_div(h, hc, W, chunk + 1, clean=clean_logprobs(hc, W, chunk))  # 38 tokens: other chunks
+
+
+def _pad(W, multiple=128):
+    """W with zero rows up to a multiple of `multiple`, as model.unembedding makes it."""
+    V_pad = -(-W.size(0) // multiple) * multiple
+    return torch.cat([W, W.new_zeros(V_pad - W.size(0), W.size(1))])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_padded_vocabulary_gives_the_plain_kl_and_grad(shared):
+    """Zero rows appended to W_U (aligned GEMMs) change nothing: the padded logits are masked out. fp32 value
+    and gradient against the plain formula on the V real logits, to 1e-6 relative."""
+    g = torch.Generator().manual_seed(4)
+    B, T, C, V = 2, 13, 16, 1001  # V odd, padded to 1024
+    W = torch.randn(V, C, generator=g) * 0.5
+    h, hc = torch.randn(B, T, C, generator=g, requires_grad=True), torch.randn(B, T, C, generator=g)
+    ref = kl_div(h @ W.t(), hc @ W.t())
+    (g_ref,) = torch.autograd.grad(ref, h)
+    Wp = _pad(W)
+    clean = clean_logprobs(hc, Wp, 8, vocab=V) if shared else None
+    out = fused_kl_div(h, hc, Wp, 8, clean=clean, vocab=V)
+    (g_out,) = torch.autograd.grad(out, h)
+    assert Wp.shape == (1024, C)
+    assert abs(out.item() - ref.item()) <= 1e-6 * ref.item()
+    assert (g_out - g_ref).abs().max().item() <= 1e-6 * g_ref.abs().max().item()
+    unpadded = fused_kl_div(h, hc, W, 8)
+    assert abs(out.item() - unpadded.item()) <= 1e-6 * unpadded.item()
+    idx = torch.randint(0, V, (B, T), generator=g)
+    a, b = logit_stats(h.detach(), hc, Wp, idx, 8, vocab=V), logit_stats(h.detach(), hc, W, idx, 8)
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-6)
+    with pytest.raises(ValueError, match="vocab"):
+        fused_kl_div(h, hc, Wp, 8, vocab=1025)
+
+
+def test_compiled_chunk_matches_eager():
+    """fused_kl_div(compiled=True): the elementwise work of a chunk through torch.compile, fp32, the same KL
+    and gradient up to rounding, with the clean side computed or shared, and a partial last chunk."""
+    g = torch.Generator().manual_seed(5)
+    C, V = 16, 1001
+    Wp = _pad(torch.randn(V, C, generator=g) * 0.5)
+    h, hc = torch.randn(37, C, generator=g), torch.randn(37, C, generator=g)
+    for bf16 in (False, True):  # bf16: the GEMMs in bf16, the casts to and from fp32 inside the compiled part
+        res = []
+        for compiled, shared in [(False, False), (True, False), (True, True)]:
+            x = h.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                clean = clean_logprobs(hc, Wp, 16, vocab=V) if shared else None
+                kl = fused_kl_div(x, hc, Wp, 16, clean=clean, vocab=V, compiled=compiled)
+            kl.backward()
+            res.append((kl.item(), x.grad))
+        for kl, grad in res[1:]:
+            assert kl == pytest.approx(res[0][0], rel=1e-6)
+            torch.testing.assert_close(grad, res[0][1], rtol=1e-5, atol=1e-7)

@@ -178,3 +178,36 @@ def test_gpt_neo_bad_configs(tmp_path, neo_model_dir):
         with pytest.raises(ValueError) as e:
             GPT.from_pretrained(str(bad))
         assert words in str(e.value) and len(str(e.value).splitlines()) == 1, e.value
+
+
+def test_unembedding_is_padded_once_and_cast_frozen_is_bitwise(tiny_model_dir):
+    """model.unembedding(bf16): lm_head's weight with zero rows up to a multiple of 128, made once; in fp32 on
+    CPU the weight itself. cast_frozen(bf16): under autocast, the same logits bit for bit."""
+    import argparse
+
+    from sae import SAE
+    from train import loss_step, shared_passes
+    model = GPT.from_pretrained(tiny_model_dir)
+    V, C = model.config.vocab_size, model.config.n_embd
+    assert model.unembedding() is model.lm_head.weight
+    W = model.unembedding(torch.bfloat16)
+    assert W.dtype == torch.bfloat16 and W.size(0) % 128 == 0 and W.size(0) - V < 128 and W.size(1) == C
+    assert torch.equal(W[:V], model.lm_head.weight.bfloat16()) and not W[V:].any()
+    assert model.unembedding(torch.bfloat16) is W  # kept
+    torch.manual_seed(0)
+    sae = SAE(C, 4 * C)
+    r = argparse.Namespace(loss="e2e_ds", layer=1, l1=1.0, kl_coeff=1.0, ds_coeff=2.5, kl_chunk=16)
+    idx = torch.randint(0, V, (2, 24))
+    out = []
+    for cast in (False, True):
+        if cast:
+            model.cast_frozen(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(idx)
+            loss, _ = loss_step(model, sae, r, shared_passes(model, idx, [r]))
+        (grad,) = torch.autograd.grad(loss, sae.encoder.weight)
+        out.append((logits, loss, grad))
+    assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert model.transformer.wte.weight.dtype == torch.float32
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
