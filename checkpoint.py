@@ -7,15 +7,20 @@ What a training run keeps in its --out_dir, and how it is written and read back.
     sae.safetensors   the SAE alone, plus sae.json (sae.save_sae), for eval.py and analysis
     eval.jsonl        one JSON line per evaluation, with its step
 
-Every file is written to a temp file and renamed over the old one, so a crash or SIGKILL at any point
-leaves the previous version whole. A run resumes at the checkpoint's step and drops eval lines of that
-step and later (they are evaluated again), so eval.jsonl equals the one of an uninterrupted run.
+Every file is written to a temp file and renamed over the old one (files.atomic_write), so a crash or SIGKILL
+at any point leaves the previous version whole. A folder is a run's only if it holds our ckpt.pt: a new run
+refuses one that holds a run's other files without it (they are someone else's), and leaves every other file
+alone; train.py writes ckpt.pt first, so its own files are never without it. A run resumes at the checkpoint's
+step and drops eval lines of that step and later (they are evaluated again), so eval.jsonl equals the one of
+an uninterrupted run.
 """
 import json
 import os
 import warnings
 
 import torch
+
+from files import atomic_write, check_writable
 
 FORMAT = "nanosae-checkpoint-2"  # -1: one SAE at the top level (still read: load_checkpoint converts it)
 # what must match for a run to resume from its checkpoint (the rest, e.g. --device, --eval_every, may change);
@@ -24,15 +29,11 @@ RESUME_KEYS = ("model", "dataset", "no_center", "dict_ratio", "n_samples", "batc
                "warmup_samples", "min_lr_ratio", "grad_clip", "eval_samples", "seed", "ds_layers", "init_from",
                "local_frac", "local_l1")
 PER_SAE = ("loss", "layer", "l1", "kl_coeff", "ds_coeff")  # what differs between the SAEs of a sweep
+RUN_FILES = ("eval.jsonl", "sae.safetensors", "sae.json", "firing.safetensors")  # what a run writes beside ckpt.pt
 
 
 def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power loss cannot leave an empty file
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, **state):
@@ -136,28 +137,28 @@ def check_tensors(ckpt, path, d, n_dict):
 
 
 def check_out_dir(out_dir, ckpt_exists, run_dirs=()):
-    """ValueError unless out_dir is, or can become, a writable folder that holds nothing of another run, and
-    so are the SAEs' run folders (run_dirs: subfolders of out_dir in a sweep)."""
-    for d in [out_dir] + [d for d in run_dirs if d != out_dir]:
+    """ValueError unless out_dir is, or can become, a writable folder, and the SAEs' run folders (run_dirs:
+    out_dir itself, or its subfolders in a sweep) are this run's to write: with no checkpoint, none may hold a
+    file a run writes (RUN_FILES: another program's, or a run whose ckpt.pt is gone); with one, their
+    eval.jsonl must read. Nothing is written, and other files are never touched."""
+    for d in dict.fromkeys([out_dir, *run_dirs]):
         if os.path.exists(d) and not os.path.isdir(d):
             raise ValueError(f"--out_dir {d!r} is a file, not a folder")
-        if not ckpt_exists and os.path.exists(os.path.join(d, "sae.safetensors")):
-            raise ValueError(f"--out_dir {d!r} holds an SAE (sae.safetensors) but no checkpoint (ckpt.pt"
-                             f"{' in ' + repr(out_dir) if d != out_dir else ''}); choose another --out_dir")
-    created, probe = not os.path.exists(out_dir), os.path.join(out_dir, ".write_test")
-    try:  # try it: permissions alone do not tell (root, read-only mounts, /proc)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-        if created:
-            os.rmdir(out_dir)  # made for real once every input is checked
-    except OSError as e:
-        raise ValueError(f"--out_dir {out_dir!r} is not writable ({e.strerror})") from None
+    for d in dict.fromkeys(run_dirs or [out_dir]):
+        there = [f for f in RUN_FILES if os.path.lexists(os.path.join(d, f))]
+        if there and not ckpt_exists:
+            raise ValueError(f"--out_dir {d!r} holds {', '.join(there)} but no checkpoint of train.py (ckpt.pt"
+                             f"{' in ' + repr(out_dir) if d != out_dir else ''}), so not this run's; choose another "
+                             "--out_dir, or remove them")
+        if ckpt_exists:
+            read_eval_log(os.path.join(d, "eval.jsonl"))  # the resume trims it: it must read before anything is written
+    for d in dict.fromkeys([out_dir, *(d for d in run_dirs if os.path.isdir(d))]):
+        check_writable(d, "--out_dir")
 
 
 def read_eval_log(path):
-    """The records of eval.jsonl ([] if absent). A torn last line (killed mid-write) is dropped."""
+    """The records of eval.jsonl ([] if absent). A torn last line (killed while writing a record: the start of
+    a JSON object, no newline after it) is dropped."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -170,7 +171,7 @@ def read_eval_log(path):
             r = json.loads(line)
             assert isinstance(r, dict) and isinstance(r.get("step"), int)
         except (json.JSONDecodeError, AssertionError):
-            if i == len(lines) - 1:  # no newline after it: a write that did not finish
+            if i == len(lines) - 1 and line.startswith("{"):  # no newline after it: a write that did not finish
                 continue
             raise ValueError(f"{path!r} line {i + 1} is not an evaluation record; move the file away "
                              "or choose another --out_dir") from None
@@ -180,14 +181,21 @@ def read_eval_log(path):
 
 def trim_eval_log(path, step):
     """Keep only the evaluations before step (a resumed run evaluates step and later again)."""
-    records = [r for r in read_eval_log(path) if r["step"] < step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    if os.path.exists(path):
+        records = [r for r in read_eval_log(path) if r["step"] < step]
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
 def append_eval_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """One line at the end of eval.jsonl, or none: a failed write (disk full) is cut off again."""
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to write after a failure
+        end = f.seek(0, os.SEEK_END)
+        try:
+            while line:
+                line = line[f.write(line):]
+        except BaseException as e:
+            f.truncate(end)
+            if isinstance(e, OSError):
+                raise OSError(e.errno, e.strerror, path) from None
+            raise

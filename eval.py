@@ -240,6 +240,8 @@ def prepare(source, model_name=None, dataset=None, ctx=None, eval_samples=None, 
     n = eval_samples if eval_samples is not None else run.get("eval_samples", 500)
     if n <= 0 or ctx <= 0:
         raise ValueError(f"--eval_samples and --ctx must be > 0, got {n} and {ctx}")
+    if ctx < 2:
+        raise ValueError(f"--ctx must be >= 2, got {ctx}: the cross-entropy predicts each next token of a row")
     gpt = GPT.from_pretrained(name, center=cfg["center"]).to(device)
     c = gpt.config
     if not 0 <= cfg["layer"] < c.n_layer or sae.d != c.n_embd:
@@ -316,6 +318,7 @@ def main(argv=None):
     parser.error = lambda msg: sys.exit(f"eval.py: error: {msg}")
     args = parser.parse_args(argv)
     from data import eval_batches
+    from files import check_writable, write_error
     from interop import save_firing, source_format
     try:
         if args.device != "auto" and not (args.device == "cpu" or args.device.startswith("cuda")):
@@ -324,6 +327,8 @@ def main(argv=None):
         if args.save_firing and source_format(args.source) != "run":
             raise ValueError(f"--save_firing writes into a run folder and {args.source!r} is not one; "
                              "import it first with interop.py")
+        if args.save_firing:  # before the evaluation, not after it
+            check_writable(args.source, "--save_firing: run folder")
         p = prepare(args.source, args.model, args.dataset, args.ctx, args.eval_samples, args.alive_tokens, device,
                     args.data_dir)
         bs = args.batch_size if args.batch_size is not None else p["cfg"].get("args", {}).get("batch_size", 8)
@@ -342,7 +347,10 @@ def main(argv=None):
     counts, tokens = counts.cpu() + extra, m["alive_tokens"] + n_extra
     m.update(p["info"], alive=int((counts > 0).sum()), alive_tokens=tokens)
     if args.save_firing:
-        save_firing(args.source, counts / tokens, tokens, dataset=m["dataset"], held_out=m["held_out"])
+        try:
+            save_firing(args.source, counts / tokens, tokens, dataset=m["dataset"], held_out=m["held_out"])
+        except OSError as e:  # the file it would replace is whole
+            sys.exit(f"eval.py: error: {write_error(e)}")
     print(json.dumps(m) if args.json else format_metrics(m))
 
 

@@ -4,6 +4,7 @@ SAEs in and out of other tools' formats, and to / from the Hugging Face hub.
     python interop.py import-apollo e2e_similar_ce_layer_6.pt out/apollo_e2e_L6   # reads the .yaml beside it
     python interop.py export-saelens out/e2e_ds_L6 export/e2e_ds_L6
     python interop.py import-saelens export/e2e_ds_L6 out/e2e_ds_L6_copy
+    python interop.py export-saelens out/e2e_ds_L6 export/e2e_ds_L6 --force       # replace an earlier export whole
     python interop.py push export/e2e_ds_L6 USER/REPO --path_in_repo e2e_ds_L6      # needs a hub token
     python interop.py pull USER/REPO out/pulled --path_in_repo e2e_ds_L6
 
@@ -23,6 +24,8 @@ SAELens  a folder: cfg.json + sae_weights.safetensors, architecture `standard`, 
          sparsity.safetensors: `sparsity` = log10(freq + 1e-10), SAELens's convention (dead features: -10).
          The centring is metadata.model_from_pretrained_kwargs.center_writing_weights (default true). The model
          and hook names are TransformerLens's: gpt2 or roneneldan/TinyStories-1M, blocks.L.hook_resid_pre.
+Imports and exports write a new folder, or replace an empty one; a folder with files in it only with --force,
+which replaces it whole (written beside it, then swapped in: no file of the old folder remains).
 A SAELens SAE with W_dec rows of norm n ≠ 1 imports exactly by folding n into the encoder
 (ReLU(z) n = ReLU(z n) for n > 0), as SAELens's fold_W_dec_norm=True: the same x_hat, the feature
 activations scaled by n; apply_b_dec_to_input true folds into b_e = b_enc − W_encᵀ b_dec.
@@ -36,6 +39,7 @@ import sys
 import torch
 
 from cli import nonempty
+from files import check_target, replace_dir, write_bytes, write_error
 from sae import SAE, load_sae, save_sae, save_tensors
 
 APOLLO_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
@@ -163,8 +167,7 @@ def write_saelens(sae, cfg, out_dir, firing=None):
                    "W_dec": sae.dict_elements().t(), "b_dec": sae.decoder.bias}      # (n_dict, d), (d,)
         save_tensors({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
                      os.path.join(out_dir, "sae_weights.safetensors"))
-    with open(os.path.join(out_dir, "cfg.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_bytes(os.path.join(out_dir, "cfg.json"), json.dumps(out, indent=2).encode())
     if firing is not None:
         sparsity = torch.log10(firing["freq"].double() + EPS).float()
         save_tensors({"sparsity": sparsity}, os.path.join(out_dir, "sparsity.safetensors"),
@@ -231,7 +234,18 @@ def load_any(path, device="cpu"):
     else:
         sae, cfg = (read_saelens if fmt == "saelens" else read_apollo)(path)
     firing = load_firing(path) if fmt != "apollo" else None
+    if firing is not None and len(firing["freq"]) != sae.n_dict:  # a stale file, e.g. of an earlier SAE
+        print(f"interop.py: note: {firing['file']} has {len(firing['freq'])} entries, not the SAE's {sae.n_dict} "
+              "features; ignored (`python eval.py SRC --save_firing` writes a new one)", file=sys.stderr)
+        firing = None
     return sae.to(device), dict(cfg, format=fmt), firing
+
+
+def save_run(sae, cfg, firing, out_dir):
+    """A run folder: sae.safetensors + sae.json, and firing.safetensors if firing is given."""
+    save_sae(sae, out_dir, cfg)
+    if firing is not None:
+        save_firing(out_dir, firing["freq"], firing["tokens"], source=firing["file"])
 
 
 # ----------------------------------------------------------------------------- hub
@@ -242,7 +256,7 @@ def push(folder, repo, path_in_repo=None, private=False):
     api = HfApi()
     api.create_repo(repo, exist_ok=True, private=private)
     return api.upload_folder(folder_path=folder, repo_id=repo, path_in_repo=path_in_repo or "",
-                             ignore_patterns=["ckpt.pt", "*.tmp"])
+                             ignore_patterns=["ckpt.pt", "*.tmp", ".train.lock"])
 
 
 def pull(repo, out_dir, path_in_repo=None):
@@ -266,7 +280,9 @@ def main(argv=None):
                                 ("export-saelens", "a run folder (or any source) -> a SAELens folder",
                                  "a run folder, a SAELens folder or an Apollo .pt", "the SAELens folder to write")):
         p = sub.add_parser(cmd, help=what, formatter_class=fmt)
-        p.add_argument("src", type=nonempty, help=src), p.add_argument("out_dir", type=nonempty, help=out)
+        p.add_argument("src", type=nonempty, help=src)
+        p.add_argument("out_dir", type=nonempty, help=out + " (missing or empty)")
+        p.add_argument("--force", action="store_true", help="replace a non-empty out_dir whole (nothing of it remains)")
     p = sub.add_parser("push", help="upload a folder to a hub model repo", formatter_class=fmt)
     p.add_argument("folder", type=nonempty, help="the folder to upload (ckpt.pt and temp files are left out)")
     p.add_argument("repo", type=nonempty, help="hub model repo, USER/NAME (created if missing)")
@@ -288,17 +304,20 @@ def main(argv=None):
             want = {"import-apollo": "apollo", "import-saelens": "saelens"}.get(args.cmd)
             if want and source_format(args.src) != want:
                 raise ValueError(f"{args.src!r} is a {source_format(args.src)} source, not {want}")
+            out, src = os.path.realpath(args.out_dir), os.path.realpath(args.src)
+            if out == src or src.startswith(out + os.sep):
+                raise ValueError(f"{args.out_dir!r} holds the source {args.src!r}; write to another folder")
+            check_target(args.out_dir, args.force)  # before the work: refused at once
             sae, cfg, firing = load_any(args.src)
             cfg.pop("format")
             if args.cmd == "export-saelens":
-                write_saelens(sae, cfg, args.out_dir, firing if firing and "freq" in firing else None)
+                replace_dir(args.out_dir, lambda tmp: write_saelens(sae, cfg, tmp, firing if firing and "freq" in firing
+                                                                    else None), force=args.force)
                 note = "" if firing else " (no firing.safetensors in the source: no sparsity.safetensors; " \
                                          "write one with `python eval.py SRC --save_firing`)"
                 print(f"wrote SAELens folder {args.out_dir}{note}")
             else:
-                save_sae(sae, args.out_dir, cfg)
-                if firing is not None:
-                    save_firing(args.out_dir, firing["freq"], firing["tokens"], source=firing["file"])
+                replace_dir(args.out_dir, lambda tmp: save_run(sae, cfg, firing, tmp), force=args.force)
                 print(f"wrote run folder {args.out_dir} (layer {cfg['layer']}, loss {cfg['loss']}, center {cfg['center']})")
         elif args.cmd == "push":
             if not os.path.isdir(args.folder):
@@ -308,6 +327,12 @@ def main(argv=None):
             print(pull(args.repo, args.out_dir, args.path_in_repo))
     except ValueError as e:
         sys.exit(f"interop.py: error: {e}")
+    except KeyboardInterrupt:  # replace_dir has removed what it wrote
+        sys.exit(f"interop.py: {args.cmd} interrupted; nothing was written")
+    except OSError as e:
+        if args.cmd not in ("push", "pull"):
+            sys.exit(f"interop.py: error: {write_error(e)}; nothing was written")
+        sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
     except Exception as e:  # files, hub (offline, no token, unknown repo): one line, not a traceback
         sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from files import write_bytes
+
 
 class SAE(nn.Module):
 
@@ -46,27 +48,20 @@ class SAE(nn.Module):
 
 
 def save_tensors(tensors, path, metadata=None):
-    """A safetensors file at path, atomically (temp file, then rename), readable like any file open()
-    makes: mode 0o666 & ~umask (safetensors' own writer creates every file 0600)."""
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    umask = os.umask(0)  # the only way to read the umask is to set it; put it straight back
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    """A safetensors file at path, whole or not at all (files.atomic_write), with the mode open() gives
+    (0o666 & ~umask; safetensors' own writer makes 0600 files). Serialised in memory first, so a full disk is
+    an OSError naming path, not the writer's own error."""
+    from safetensors.torch import save
+    write_bytes(path, save(tensors, metadata=metadata))
 
 
 def save_sae(sae, out_dir, cfg):
-    """Write sae.safetensors + sae.json into out_dir, each atomically (temp file, then rename)."""
+    """Write sae.safetensors + sae.json into out_dir, each whole or not at all."""
     os.makedirs(out_dir, exist_ok=True)
     save_tensors({k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()},
                  os.path.join(out_dir, "sae.safetensors"))
     cfg = dict(cfg, d=sae.d, n_dict=sae.n_dict)
-    tmp = os.path.join(out_dir, "sae.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "sae.json"))
+    write_bytes(os.path.join(out_dir, "sae.json"), json.dumps(cfg, indent=2).encode())
 
 
 def sae_shapes(d, n_dict):

@@ -190,6 +190,9 @@ def check_args(args, runs):
         if useless and value:
             raise ValueError(f"--{flag} {value} has no effect with --loss {args.loss}"
                              f"{' and --local_frac 0' if flag == 'local_l1' and kinds != {'local'} else ''}; leave it out")
+    if args.ctx < 2:
+        raise ValueError(f"--ctx must be >= 2, got {args.ctx}: the evaluation's cross-entropy predicts each next token "
+                         "of a row, so a row needs at least 2")
     if args.n_samples < args.batch_size * args.grad_accum:
         raise ValueError(f"--n_samples {args.n_samples} is less than one step of {args.batch_size * args.grad_accum} samples")
     if args.device != "auto" and not (args.device == "cpu" or args.device.startswith("cuda")):

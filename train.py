@@ -23,7 +23,8 @@ Long runs: --out_dir gets ckpt.pt (every SAE) every --save_every samples and on 
 finishes, then it saves and exits with 128 + the signal). A run killed in any way continues from its last
 checkpoint exactly as if never stopped: with --resume, or by running the same command again. A step with a
 non-finite loss or gradient, or where the SAE diverges (loss or weight norm 1e6 times its first step's), is
-skipped for that SAE; --max_bad_steps in a row stop the run.
+skipped for that SAE; --max_bad_steps in a row stop the run. One train.py at a time per --out_dir (a lock); a
+new run refuses a folder holding another program's run files (see checkpoint.py).
 DDP: --batch_size is per process, --grad_accum counts micro-batches over all processes, so the samples per
 step (batch_size * grad_accum) and the result do not depend on the number of processes (nor does a resume).
 """
@@ -36,11 +37,17 @@ import sys
 import time
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (nothing is written yet)
+    def _interrupted(signum, frame):
+        print("train.py: interrupted while starting; nothing was written", file=sys.stderr)
+        os._exit(130)
+    signal.signal(signal.SIGINT, _interrupted)
 import torch
 
 from checkpoint import (PER_SAE, append_eval_log, check_out_dir, check_resumable, check_tensors, load_checkpoint,
                         restore_rng, save_checkpoint, trim_eval_log)
 from cli import nonempty, nonneg_int
+from files import file_id, lock_run, unlock_run, write_error
 from losses import clean_logprobs, downstream_mse, fused_kl_div, mm_dtype, mse_loss, sparsity_loss
 from sweep import TINYSTORIES_HELP, check_args, check_init, check_model, model_defaults, plan_runs
 
@@ -142,7 +149,10 @@ def parse_args(argv=None):
         args.out_dir = os.path.join("out", f"{args.loss}_L{args.layer}" if one else
                                     f"sweep_{args.loss.replace(',', '-')}_L{args.layer.replace(',', '-')}")
     path = os.path.join(args.out_dir, "ckpt.pt")
+    seen = file_id(path)
     ckpt = load_checkpoint(path) if os.path.lexists(path) else None
+    if ckpt is not None:
+        ckpt["file_id"] = seen  # set-up checks, once it holds the folder's lock, that no other run wrote it since
     if args.resume:
         if ckpt is None:
             raise ValueError(f"--resume: --out_dir {args.out_dir!r} holds no checkpoint (ckpt.pt) to resume from")
@@ -270,6 +280,7 @@ def diverging(s, loss, norm, fresh):
 
 
 REPORT_GRACE_S = 20  # how long a failed rank > 0 leaves rank 0 to report the same error
+LOCKS = []  # rank 0's lock on --out_dir (files.lock_run), held from set-up to exit
 
 
 def fmt_time(s):
@@ -285,10 +296,14 @@ def setup(rank, world):
     check_args(args, runs)
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be a multiple of the {world} processes")
-    if ckpt is not None:
-        check_resumable(ckpt, args, runs, data=None)  # the arguments now, the data once it is loaded
     if rank == 0:
         check_out_dir(args.out_dir, ckpt_exists=ckpt is not None, run_dirs=[r.out_dir for r in runs])
+        LOCKS.append(lock_run(args.out_dir))  # one train.py per run folder, until this process ends
+        if file_id(os.path.join(args.out_dir, "ckpt.pt")) != (ckpt and ckpt["file_id"]):
+            raise ValueError(f"another train.py wrote --out_dir {args.out_dir!r} while this one started; run the "
+                             "command again")
+    if ckpt is not None:
+        check_resumable(ckpt, args, runs, data=None)  # the arguments now, the data once it is loaded
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
         import torch.distributed as dist
@@ -329,19 +344,26 @@ def setup(rank, world):
                          f"fewer than one batch of {args.batch_size}")
     if ckpt is not None:
         check_resumable(ckpt, args, runs, data)
-    if rank == 0:
+    if rank == 0 and ckpt is not None:  # the first writes, once every check has passed (a new run: save(0))
         for r in runs:
             os.makedirs(r.out_dir, exist_ok=True)
-            trim_eval_log(os.path.join(r.out_dir, "eval.jsonl"), ckpt["step"] if ckpt else 0)  # redone from there
+            trim_eval_log(os.path.join(r.out_dir, "eval.jsonl"), ckpt["step"])  # redone from there
     return args, runs, ckpt, init, device, model, (eval_rows, train_rows, data)
 
 
 def main():
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ddp, master = world > 1, rank == 0
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C in set-up: KeyboardInterrupt, handled below
     try:
         args, runs, ckpt, init, device, model, (eval_rows, train_rows, data) = setup(rank, world)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, KeyboardInterrupt) as e:
+        for lock in LOCKS:
+            unlock_run(lock, tidy=True)  # and a folder made for it goes again: nothing was written
+        if isinstance(e, KeyboardInterrupt):
+            if master:
+                print("train.py: interrupted during set-up; nothing was written", file=sys.stderr)
+            sys.exit(130)
         if master:
             sys.exit(f"train.py: error: {e}")
         # the same check fails on rank 0 (same arguments), which reports it and ends the job while this
@@ -365,6 +387,8 @@ def main():
         try:
             sae = new_sae(C, int(args.dict_ratio * C), device)
         except ValueError as e:  # out of memory: one line (check_fits refused what clearly cannot fit)
+            for lock in LOCKS:
+                unlock_run(lock, tidy=True)  # nothing was written yet
             sys.exit(f"train.py: error: {e}")
         if init is not None and ckpt is None:  # --init_from: its weights, a fresh optimizer
             sae.load_state_dict(init[0].state_dict())
@@ -531,12 +555,23 @@ def main():
                   f"{args.out_dir}, resume with --resume (or the same command)", flush=True)
         leave(128 + signum)
 
+    def final_eval():  # if it fails, the trained SAEs and checkpoint are saved all the same, then it is reported
+        try:
+            run_eval(True)
+        except Exception as e:
+            save(step, finished=True)
+            leave(f"train.py: error: the final evaluation failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                  f"); the trained SAE{'s are' if sweep else ' is'} saved in {args.out_dir}: evaluate with python eval.py "
+                  f"{runs[0].out_dir if not sweep else args.out_dir + '/NAME'}")
+
+    if ckpt is None:
+        save(0)  # ckpt.pt before any other file: a folder with a run's files but no ckpt.pt is not ours
     t_start, t_train, n_timed = time.time(), 0.0, 0
     for step in range(step, steps + 1):
         last = step == steps
         if last or (step > 0 and step % max(1, args.eval_every // eff_batch) == 0) or (step == 0 and args.init_from) \
                 or (step == switch and 0 < switch < steps):  # also the start of a fine-tune, and the switch
-            run_eval(last)
+            final_eval() if last else run_eval(False)
         if step == switch and 0 < switch < steps and master:
             print(f"switch at step {step}: local -> {', '.join(sorted({r.loss for r in runs}))} "
                   f"(after {step * eff_batch} samples, --local_frac {args.local_frac:g})", flush=True)
@@ -584,4 +619,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:  # a save failed (disk full, read-only): the file it replaced, and ckpt.pt, are whole
+        sys.exit(f"train.py: error: {write_error(e)}; the run folder's ckpt.pt is its last whole checkpoint: resume "
+                 "with --resume once this is fixed")
+    except KeyboardInterrupt:  # before the SIGINT handler of training is set: nothing is being written
+        sys.exit("train.py: interrupted; the run folder's ckpt.pt is its last whole checkpoint")

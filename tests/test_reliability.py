@@ -195,8 +195,8 @@ def write_foreign(out, kind):
 FOREIGN = [("garbage", ["ckpt.pt", "not a readable nanoSAE checkpoint"]),
            ("other_dict", ["ckpt.pt", "not a readable nanoSAE checkpoint", "not written by train.py"]),
            ("code", ["ckpt.pt", "not a readable nanoSAE checkpoint"]),
-           ("sae_only", ["holds an SAE (sae.safetensors) but no checkpoint"]),
-           ("eval_log", ["eval.jsonl", "line 1 is not an evaluation record"])]
+           ("sae_only", ["holds sae.safetensors but no checkpoint"]),
+           ("eval_log", ["holds eval.jsonl but no checkpoint", "remove them"])]
 
 
 @pytest.mark.parametrize("kind,words", FOREIGN, ids=[f[0] for f in FOREIGN])

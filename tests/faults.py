@@ -1,0 +1,80 @@
+"""Run one of the CLI scripts as a real process with one fault injected where the OS or the user would cause it:
+
+    python tests/faults.py FAULT SCRIPT ARGS...
+
+    enospc:NAME:K   the disk is full for files named NAME (their temp files included) from the K+1-th written on:
+                    os.write raises ENOSPC, as a full file system does (the first K such files are written)
+    erofs:DIR       the file system under DIR is read-only: opening a file there for writing raises EROFS
+    eval            the evaluation raises ZeroDivisionError (as --ctx 1 did)
+    sigint-setup    a real SIGINT (Ctrl-C) arrives while train.py loads the model, during its set-up
+"""
+import errno
+import os
+import runpy
+import signal
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def disk_full(name, k):
+    real, seen = os.write, []
+
+    def write(fd, data):
+        f = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if f == name or f.startswith(name + "."):
+            if f not in seen:
+                seen.append(f)
+            if seen.index(f) >= k:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+    os.write = write
+
+
+def read_only(folder):
+    real, folder = os.open, os.path.abspath(folder)
+
+    def open_(path, flags, *a, **kw):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and os.path.abspath(path).startswith(folder + os.sep):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real(path, flags, *a, **kw)
+    os.open = open_
+
+
+def failing_eval():
+    import eval as ev
+
+    def evaluate_many(*a, **kw):
+        raise ZeroDivisionError("float division by zero")
+    ev.evaluate_many = evaluate_many
+
+
+def ctrl_c_in_setup():
+    import model
+    load = model.GPT.from_pretrained.__func__
+
+    def from_pretrained(cls, *a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)  # the signal arrives here
+        return load(cls, *a, **kw)
+    model.GPT.from_pretrained = classmethod(from_pretrained)
+
+
+if __name__ == "__main__":
+    fault, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    kind, _, rest = fault.partition(":")
+    if kind == "enospc":
+        name, k = rest.rsplit(":", 1)
+        disk_full(name, int(k))
+    elif kind == "erofs":
+        read_only(rest)
+    elif kind == "eval":
+        failing_eval()
+    elif kind == "sigint-setup":
+        ctrl_c_in_setup()
+    else:
+        sys.exit(f"faults.py: unknown fault {fault!r}")
+    sys.argv = [script, *args]
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
