@@ -6,6 +6,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 
 import pytest
@@ -46,7 +47,9 @@ def cli(tool, *argv):
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
 
 
-T = "/nonexistent/nanosae"  # a path no case reaches: every bad value is refused before any file is read
+# a path no case reaches (every bad value is refused before any file is read), in a fresh folder of this
+# session, so nothing left by another program can make the check below fail
+T = os.path.join(tempfile.mkdtemp(prefix="nanosae-cli-"), "never")
 FEATURES = ["features.py", "RUN", "--out", T + "/site"]
 TRAIN = ["train.py", "--out_dir", T + "/run"]
 # (command line, the flag the one line must name, the value it must show)
