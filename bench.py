@@ -274,4 +274,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run
+    run(main, "bench.py")

@@ -42,3 +42,14 @@ def nonempty(text):
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must be a non-empty value, got {_shown(text)}")
     return text
+
+
+def run(main, tool):
+    """main() as a tool's entry point: Ctrl-C is one line on stderr and exit status 130, not a traceback
+    (every file the tools write is written whole or not at all, see files.py)."""
+    import sys
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -355,4 +355,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run
+    run(main, "eval.py")

@@ -182,3 +182,12 @@ def test_healthy_sweep_never_warns(tmp_path, tiny_model_dir, text_file):
         assert r["bad_steps"] == 0 and not r["diverged"] and r["ref"] is not None
         norm = torch.linalg.vector_norm(torch.stack([v.norm() for v in r["sae"].values()]))
         assert 0.1 < norm / r["ref"][1] < 10  # the norm changed by a small factor, far from 1e6
+
+
+def test_ctrl_c_is_one_line_and_status_130():
+    """cli.run, every tool's entry point but train.py's and interop.py's (their own handlers): a real SIGINT."""
+    code = "import os, signal, cli; cli.run(lambda: os.kill(os.getpid(), signal.SIGINT) or signal.pause(), 'x.py')"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 130 and p.stderr == "x.py: interrupted\n", p.stderr
+    for tool in ("eval.py", "analysis.py", "features.py", "bench.py", "bench_features.py"):
+        assert f'run(main, "{tool}")' in open(os.path.join(ROOT, tool)).read()
