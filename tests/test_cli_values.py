@@ -186,7 +186,10 @@ def test_healthy_sweep_never_warns(tmp_path, tiny_model_dir, text_file):
 
 def test_ctrl_c_is_one_line_and_status_130():
     """cli.run, every tool's entry point but train.py's and interop.py's (their own handlers): a real SIGINT."""
-    code = "import os, signal, cli; cli.run(lambda: os.kill(os.getpid(), signal.SIGINT) or signal.pause(), 'x.py')"
+    # Python leaves SIGINT ignored when it starts ignored (a background job): install its usual handler first
+    # (raise_signal runs the handler before it returns: no race with the next statement)
+    code = ("import signal, cli; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "cli.run(lambda: signal.raise_signal(signal.SIGINT), 'x.py')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 130 and p.stderr == "x.py: interrupted\n", p.stderr
     for tool in ("eval.py", "analysis.py", "features.py", "bench.py", "bench_features.py"):
