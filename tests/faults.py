@@ -5,6 +5,8 @@
     enospc:NAME:K   the disk is full for files named NAME (their temp files included) from the K+1-th written on:
                     os.write raises ENOSPC, as a full file system does (the first K such files are written)
     erofs:DIR       the file system under DIR is read-only: opening a file there for writing raises EROFS
+    eacces:DIR      DIR is not writable by this user: the same with EACCES (a chmod 0o555 folder; root, as CI
+                    runs, ignores permissions, so the OS cannot be asked to refuse)
     eval            the evaluation raises ZeroDivisionError (as --ctx 1 did)
     sigint-setup    a real SIGINT (Ctrl-C) arrives while train.py loads the model, during its set-up
 """
@@ -33,12 +35,12 @@ def disk_full(name, k):
     os.write = write
 
 
-def read_only(folder):
+def refuse_writes(folder, err):
     real, folder = os.open, os.path.abspath(folder)
 
     def open_(path, flags, *a, **kw):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and os.path.abspath(path).startswith(folder + os.sep):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+            raise OSError(err, os.strerror(err), path)
         return real(path, flags, *a, **kw)
     os.open = open_
 
@@ -56,8 +58,8 @@ def ctrl_c_in_setup():
     load = model.GPT.from_pretrained.__func__
 
     def from_pretrained(cls, *a, **kw):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(10)  # the signal arrives here
+        signal.raise_signal(signal.SIGINT)  # its handler runs before this returns
+        time.sleep(10)  # not reached
         return load(cls, *a, **kw)
     model.GPT.from_pretrained = classmethod(from_pretrained)
 
@@ -68,8 +70,8 @@ if __name__ == "__main__":
     if kind == "enospc":
         name, k = rest.rsplit(":", 1)
         disk_full(name, int(k))
-    elif kind == "erofs":
-        read_only(rest)
+    elif kind in ("erofs", "eacces"):
+        refuse_writes(rest, errno.EROFS if kind == "erofs" else errno.EACCES)
     elif kind == "eval":
         failing_eval()
     elif kind == "sigint-setup":

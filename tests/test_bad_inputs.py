@@ -215,13 +215,18 @@ def _tensors(change):
     return apply
 
 
-def _config(change=None, raw=None):
+def _json_file(name, change=None, raw=None):
+    """An edit of the JSON file name in a folder: change(its dict), or raw text in its place."""
     def apply(folder):
-        path = os.path.join(folder, "config.json")
+        path = os.path.join(folder, name)
         cfg = json.load(open(path))
         with open(path, "w") as f:
             f.write(raw if raw is not None else json.dumps(change(cfg)))
     return apply
+
+
+def _config(change=None, raw=None):
+    return _json_file("config.json", change, raw)
 
 
 def _weights_file(name, content):
@@ -321,12 +326,7 @@ def _run_folder(path, d=32, n_dict=64):
 
 
 def _sae_json(change=None, raw=None):
-    def apply(folder):
-        path = os.path.join(folder, "sae.json")
-        cfg = json.load(open(path))
-        with open(path, "w") as f:
-            f.write(raw if raw is not None else json.dumps(change(cfg)))
-    return apply
+    return _json_file("sae.json", change, raw)
 
 
 def _sae_bytes(change):
