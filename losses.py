@@ -12,6 +12,8 @@ so the full (N, V) logits of neither pass ever exist (at GPT-2's V = 50257 and 8
 copy is 1.6 GB). Its gradient with respect to the spliced hidden states is computed in the same pass:
     ∂KL/∂h_spliced = (softmax(h_spliced W_Uᵀ) − softmax(h_clean W_Uᵀ)) W_U / N
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -133,13 +135,10 @@ def _kl_chunk(z, zc, clean_is_logits):
     return kl
 
 
-_compiled = {}  # torch.compile(_kl_chunk), made on first use
-
-
+@functools.cache
 def _kl_chunk_compiled():
-    if "kl" not in _compiled:
-        _compiled["kl"] = torch.compile(_kl_chunk, dynamic=False, fullgraph=True)
-    return _compiled["kl"]
+    """torch.compile(_kl_chunk), made on first use."""
+    return torch.compile(_kl_chunk, dynamic=False, fullgraph=True)
 
 
 class _FusedKL(torch.autograd.Function):
