@@ -17,14 +17,17 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# tokens per chunk, by device (bench.py, GPT-2 small shape): on 2 CPU cores 64 keeps peak RSS ~0.1-0.2 GB
-# lower than 128 for a few % of time; on an H100 512 is 5% faster than 128 and larger gains nothing
+# tokens per chunk, by device (bench.py): on 2 CPU cores a pass over W_U (V·C floats) per 64 rows is the cheapest
+# for a narrow model, while at GPT-2 small's C = 768 (154 MB of W_U in fp32) the GEMMs are bound by reading
+# W_U and 128 rows per pass is faster; on an H100 512 is 5% faster than 128 and larger gains nothing
 KL_CHUNK = {"cpu": 64, "cuda": 512}
+KL_CHUNK_WIDE_CPU, WIDE = 128, 512  # the CPU chunk for a model of width C >= WIDE
 
 
-def kl_chunk(device):
-    """The default chunk size for a device."""
-    return KL_CHUNK.get(torch.device(device).type, 64)
+def kl_chunk(device, width=0):
+    """The default chunk size for a device and model width C."""
+    kind = torch.device(device).type
+    return KL_CHUNK_WIDE_CPU if kind == "cpu" and width >= WIDE else KL_CHUNK.get(kind, 64)
 
 
 def sparsity_loss(c, d):
@@ -63,41 +66,50 @@ PAD_LOGIT = -1e30  # a padded vocabulary column's logit: exp() is exactly 0, and
 
 
 class _Chunks:
-    """The (n, V_pad) buffers of a chunked pass over the vocabulary, allocated once and reused by every
-    chunk: on CPU a fresh multi-MB tensor per op costs page faults that took about as long as the op.
+    """The buffers of a chunked pass over the vocabulary, allocated once and reused by every chunk: on CPU a
+    fresh multi-MB tensor per op costs page faults that took about as long as the op.
     W: (V_pad, C) unembedding already in the matmul dtype dt, rows V.. zero (model.unembedding pads it).
-    f32 names fp32 buffers, raw names buffers in dt (the GEMM's own output, for the compiled path)."""
+    shapes: {name: (rows per token of the chunk, dtype)}; a GEMM in dt from or into an fp32 buffer goes
+    through `stage`, n rows in dt, made on first use."""
 
-    def __init__(self, W, vocab, n, f32=(), raw=()):
-        self.W, self.V = W, vocab
-        self.buf = {**{k: self._new(n, torch.float32) for k in f32}, **{k: self._new(n, W.dtype) for k in raw}}
-        self.stage = self._new(n, W.dtype) if W.dtype != torch.float32 and f32 else None  # dt GEMM out -> fp32
+    def __init__(self, W, vocab, n, shapes):
+        self.W, self.V, self.n = W, vocab, n
+        self.buf = {k: self._new(rows * n, dtype) for k, (rows, dtype) in shapes.items()}
+        self._stage = None
 
-    def _new(self, n, dtype):
-        return torch.empty(n, self.W.size(0), dtype=dtype, device=self.W.device)
+    def stage(self, rows):
+        if self._stage is None:
+            self._stage = self._new(self.n, self.W.dtype)
+        return self._stage[:rows]
 
-    def get(self, name, n):
-        return self.buf[name][:n]
+    def _new(self, rows, dtype):
+        return torch.empty(rows, self.W.size(0), dtype=dtype, device=self.W.device)
+
+    def get(self, name, rows, start=0):
+        return self.buf[name][start:start + rows]
 
     def logits(self, h, i, j, out):
         """The logits of rows i:j into out (n, V_pad), the padded columns at PAD_LOGIT."""
         if out.dtype == self.W.dtype:
             torch.mm(h[i:j], self.W.t(), out=out)
         else:
-            out.copy_(torch.mm(h[i:j], self.W.t(), out=self.stage[:j - i]))  # the GEMM in dt, then fp32
+            out.copy_(torch.mm(h[i:j], self.W.t(), out=self.stage(j - i)))  # the GEMM in dt, then fp32
         out[:, self.V:] = PAD_LOGIT
         return out
-
-    def log_softmax(self, x, out):
-        return torch.ops.aten._log_softmax.out(x, 1, False, out=out)
 
     def grad(self, dlogits, out):
         """dlogits (n, V_pad) @ W -> out (n, C) fp32, the GEMM in W's dtype."""
         if dlogits.dtype != self.W.dtype:
-            dlogits = self.stage[:dlogits.size(0)].copy_(dlogits)
+            dlogits = self.stage(dlogits.size(0)).copy_(dlogits)
         if out.dtype == self.W.dtype:
             return torch.mm(dlogits, self.W, out=out)
         return out.copy_(dlogits @ self.W)
+
+
+def _log_softmax_(x):
+    """log_softmax over the last dimension of x (rows, V), in place: each row is read whole (its max, then
+    its sum of exp) before any of it is written, so out may be x."""
+    return torch.ops.aten._log_softmax.out(x, 1, False, out=x)
 
 
 @torch.no_grad()
@@ -107,17 +119,16 @@ def clean_logprobs(h_clean, W, chunk_size=None, vocab=None):
     fused_kl_div(..., clean=) gives bitwise the same KL and gradient as recomputing it: the same operations
     on the same values."""
     C = h_clean.size(-1)
-    chunk_size = chunk_size or kl_chunk(h_clean.device)
+    chunk_size = chunk_size or kl_chunk(h_clean.device, C)
     dt = mm_dtype(h_clean)
     hc_mm, W_mm = h_clean.reshape(-1, C).to(dt), W.to(dt)
     N = hc_mm.size(0)
-    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, N), f32=["z"])
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, N), {})
     out = []
     with torch.autocast(h_clean.device.type, enabled=False):
         for i in range(0, N, chunk_size):
             j = min(i + chunk_size, N)
-            z = bufs.logits(hc_mm, i, j, bufs.get("z", j - i))
-            out.append(bufs.log_softmax(z, torch.empty_like(z)))
+            out.append(_log_softmax_(bufs.logits(hc_mm, i, j, bufs._new(j - i, torch.float32))))
     return out
 
 
@@ -142,10 +153,12 @@ def _kl_chunk_compiled():
 
 
 class _FusedKL(torch.autograd.Function):
-    """Per chunk of n tokens, four (n, V_pad) fp32 buffers and no other (n, V) tensor:
-        z   logits, then log p_clean − log p          lp   log p, then softmax − softmax_clean = dlogits
-        lc  log p_clean (or the shared chunk)          pc   p_clean
-    KL += Σ pc (lc − lp) as one dot; grad_h[rows] = dlogits @ W_U."""
+    """Per chunk of n tokens, three (n, V_pad) fp32 buffers and no other (n, V) tensor:
+        lg[:n]  logits, log p in place, then softmax − softmax_clean = dlogits      p   p_clean
+        lg[n:]  clean logits, log p_clean in place, then log p_clean − log p
+                (d instead when the clean side is shared: clean[k] is only read)
+    KL += Σ pc (lc − lp) as one dot; grad_h[rows] = dlogits @ W_U. Both log-softmaxes are one in-place call
+    over the 2n rows."""
 
     @staticmethod
     def forward(ctx, h, h_clean, W, chunk_size, clean, vocab, compiled):
@@ -156,23 +169,31 @@ class _FusedKL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        clean_buf = ["lc"] * (clean is None)
-        bufs = _Chunks(W_mm, vocab, min(chunk_size, N), raw=["z"] + clean_buf) if compiled else \
-            _Chunks(W_mm, vocab, min(chunk_size, N), f32=["z", "lp", "pc"] + clean_buf)
+        n0, f32 = min(chunk_size, N), torch.float32
+        if compiled:  # the logits as the GEMM writes them (dt); the compiled function casts
+            bufs = _Chunks(W_mm, vocab, n0, {"z": (1, dt), **({"zc": (1, dt)} if clean is None else {})})
+        else:
+            bufs = _Chunks(W_mm, vocab, n0, {"lg": (2 if clean is None else 1, f32), "p": (1, f32),
+                                             **({"d": (1, f32)} if clean is not None else {})})
         with torch.autocast(h.device.type, enabled=False):  # every op below picks its dtype itself
             for k, i in enumerate(range(0, N, chunk_size)):
                 j, n = min(i + chunk_size, N), min(i + chunk_size, N) - i
-                z = bufs.logits(h_mm, i, j, bufs.get("z", n))                                # (n, V_pad)
                 if compiled:  # the same in two fused passes; dlogits end up in z
-                    zc = clean[k] if clean is not None else bufs.logits(hc_mm, i, j, bufs.get("lc", n))
+                    z = bufs.logits(h_mm, i, j, bufs.get("z", n))
+                    zc = clean[k] if clean is not None else bufs.logits(hc_mm, i, j, bufs.get("zc", n))
                     total += _kl_chunk_compiled()(z, zc, clean is None)
                     dlogits = z
                 else:
-                    lp, pc = bufs.log_softmax(z, bufs.get("lp", n)), bufs.get("pc", n)       # log p
-                    lc = clean[k] if clean is not None else \
-                        bufs.log_softmax(bufs.logits(hc_mm, i, j, z), bufs.get("lc", n))      # log p_clean
-                    torch.exp(lc, out=pc)                                                     # p_clean
-                    total += torch.dot(pc.view(-1), torch.sub(lc, lp, out=z).view(-1))        # Σ pc (lc − lp)
+                    lp = bufs.logits(h_mm, i, j, bufs.get("lg", n))                          # (n, V_pad)
+                    if clean is None:
+                        lc = bufs.logits(hc_mm, i, j, bufs.get("lg", n, n))
+                        _log_softmax_(bufs.get("lg", 2 * n))                                  # log p, log p_clean
+                        d = lc
+                    else:
+                        lc, d = clean[k], bufs.get("d", n)
+                        _log_softmax_(lp)
+                    pc = torch.exp(lc, out=bufs.get("p", n))                                  # p_clean
+                    total += torch.dot(pc.view(-1), torch.sub(lc, lp, out=d).view(-1))        # Σ pc (lc − lp)
                     dlogits = lp.exp_().sub_(pc) if need_grad else None                       # p − p_clean
                 if need_grad:
                     bufs.grad(dlogits, grad_h[i:j])                                           # (n, C)
@@ -197,7 +218,7 @@ def fused_kl_div(h, h_clean, W, chunk_size=None, clean=None, vocab=None, compile
     h_clean is not read). compiled: the elementwise part of each chunk through torch.compile (Triton on
     CUDA, C++ on CPU; about 2x faster there, after a compile of some seconds); equal up to rounding."""
     C = h.size(-1)
-    chunk_size = chunk_size or kl_chunk(h.device)
+    chunk_size = chunk_size or kl_chunk(h.device, C)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vocab = vocab or W.size(0)
@@ -216,20 +237,20 @@ def logit_stats(h, h_clean, W, idx, chunk_size=None, vocab=None):
     vocab as there): kl = Σ over all B·T positions of KL(clean ‖ spliced); ce, ce_clean = Σ over positions
     0..T−2 of the next-token cross-entropy; n_kl, n_ce = the counts. Divide to get means."""
     B, T, C = h.shape
-    chunk_size = chunk_size or kl_chunk(h.device)
+    chunk_size = chunk_size or kl_chunk(h.device, C)
     dt = mm_dtype(h)
     W_mm = W.to(dt)
     h_mm, hc_mm = h.reshape(-1, C).to(dt), h_clean.reshape(-1, C).to(dt)
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1).reshape(-1)  # last pos ignored
     out = dict(kl=0.0, ce=0.0, ce_clean=0.0, n_kl=B * T, n_ce=B * (T - 1))
-    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T), f32=["z", "lp", "lc"])
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T), {"lg": (2, torch.float32), "p": (1, torch.float32)})
     with torch.autocast(h.device.type, enabled=False):
         for i in range(0, B * T, chunk_size):
             j, n = min(i + chunk_size, B * T), min(i + chunk_size, B * T) - i
-            z, lp, lc = bufs.get("z", n), bufs.get("lp", n), bufs.get("lc", n)
-            bufs.log_softmax(bufs.logits(h_mm, i, j, z), lp)
-            bufs.log_softmax(bufs.logits(hc_mm, i, j, z), lc)
-            out["kl"] += torch.dot(torch.exp(lc, out=z).view(-1), (lc - lp).view(-1)).item()
+            lp, lc = bufs.logits(h_mm, i, j, bufs.get("lg", n)), bufs.logits(hc_mm, i, j, bufs.get("lg", n, n))
+            _log_softmax_(bufs.get("lg", 2 * n))
             out["ce"] += F.nll_loss(lp, targets[i:j], reduction="sum", ignore_index=-100).item()
             out["ce_clean"] += F.nll_loss(lc, targets[i:j], reduction="sum", ignore_index=-100).item()
+            pc = torch.exp(lc, out=bufs.get("p", n))
+            out["kl"] += torch.dot(pc.view(-1), torch.sub(lc, lp, out=lc).view(-1)).item()
     return out
