@@ -97,6 +97,12 @@ class _Chunks:
         out[:, self.V:] = PAD_LOGIT
         return out
 
+    def dlogits(self, lp, pc):
+        """softmax − softmax_clean = exp(lp) − pc, from fp32 buffers (lp is overwritten); written in W's
+        dtype, the next GEMM's (through `stage` when that is not fp32: one rounding, as a cast after)."""
+        out = lp if self.W.dtype == torch.float32 else self.stage(lp.size(0))
+        return torch.sub(lp.exp_(), pc, out=out)
+
     def grad(self, dlogits, out):
         """dlogits (n, V_pad) @ W -> out (n, C) fp32, the GEMM in W's dtype."""
         if dlogits.dtype != self.W.dtype:
@@ -194,7 +200,7 @@ class _FusedKL(torch.autograd.Function):
                         _log_softmax_(lp)
                     pc = torch.exp(lc, out=bufs.get("p", n))                                  # p_clean
                     total += torch.dot(pc.view(-1), torch.sub(lc, lp, out=d).view(-1))        # Σ pc (lc − lp)
-                    dlogits = lp.exp_().sub_(pc) if need_grad else None                       # p − p_clean
+                    dlogits = bufs.dlogits(lp, pc) if need_grad else None                    # p − p_clean
                 if need_grad:
                     bufs.grad(dlogits, grad_h[i:j])                                           # (n, C)
         if need_grad:

@@ -31,6 +31,23 @@ def test_forward_uses_unit_norm_columns():
     assert torch.equal(sae.decoder.weight, raw)  # never renormalised in place
 
 
+def test_unit_norm_gradient_is_that_of_the_plain_formula():
+    """dict_elements computes 1/‖W_d‖ as rsqrt of a column sum of squares (faster than w.norm); its value and
+    the gradient through it are those of W_d / W_d.norm(dim=0), to fp32 rounding."""
+    torch.manual_seed(1)
+    sae = SAE(32, 96)
+    with torch.no_grad():
+        sae.decoder.weight.mul_(torch.rand(96) * 3 + 0.1)
+    g = torch.randn(32, 96)
+    (sae.dict_elements() * g).sum().backward()
+    w = sae.decoder.weight.detach().clone().requires_grad_(True)
+    ref = w / w.norm(dim=0, keepdim=True)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(sae.dict_elements(), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sae.decoder.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
+    assert sae.decoder.weight.grad.abs().max() > 0.1  # a gradient that is not rounding noise
+
+
 def test_save_load_same_outputs(tmp_path):
     torch.manual_seed(0)
     sae = SAE(16, 48)
