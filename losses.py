@@ -222,7 +222,7 @@ def fused_kl_div(h, h_clean, W, chunk_size=None, clean=None, vocab=None, compile
     KL is that of the V real ones). Equal to kl_div(h @ W[:V].T, h_clean @ W[:V].T); the gradient flows
     to h only. clean: clean_logprobs(h_clean, W, chunk_size, vocab) when several SAEs share it (then
     h_clean is not read). compiled: the elementwise part of each chunk through torch.compile (Triton on
-    CUDA, C++ on CPU; about 2x faster there, after a compile of some seconds); equal up to rounding."""
+    CUDA, where it pays, after a compile of some seconds; C++ on CPU, where it did not); equal up to rounding."""
     C = h.size(-1)
     chunk_size = chunk_size or kl_chunk(h.device, C)
     if chunk_size < 1:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from losses import clean_logprobs, downstream_mse, fused_kl_div, kl_div, logit_stats, mse_loss, sparsity_loss
+from losses import clean_logprobs, downstream_mse, fused_kl_div, kl_chunk, kl_div, logit_stats, mse_loss, sparsity_loss
 
 
 def test_kl_equals_hand_sum_and_direction():
@@ -143,3 +143,12 @@ def test_compiled_chunk_matches_eager():
         for kl, grad in res[1:]:
             assert kl == pytest.approx(res[0][0], rel=1e-6)
             torch.testing.assert_close(grad, res[0][1], rtol=1e-5, atol=1e-7)
+
+
+def test_default_chunk_by_device_and_width():
+    """64 tokens on CPU, 128 there from width 512 (W_U-read-bound GEMMs), 512 on CUDA; fused_kl_div uses it."""
+    assert [kl_chunk("cpu", 128), kl_chunk("cpu", 511), kl_chunk("cpu", 768), kl_chunk("cuda", 768)] == [64, 64, 128, 512]
+    g = torch.Generator().manual_seed(6)
+    h, hc, W = torch.randn(300, 512, generator=g), torch.randn(300, 512, generator=g), torch.randn(50, 512, generator=g)
+    with pytest.raises(ValueError, match="chunks are not those of 300 tokens by 128"):
+        fused_kl_div(h, hc, W, clean=clean_logprobs(hc, W, 64))
