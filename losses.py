@@ -104,9 +104,8 @@ class _Chunks:
         return torch.sub(lp.exp_(), pc, out=out)
 
     def grad(self, dlogits, out):
-        """dlogits (n, V_pad) @ W -> out (n, C) fp32, the GEMM in W's dtype."""
-        if dlogits.dtype != self.W.dtype:
-            dlogits = self.stage(dlogits.size(0)).copy_(dlogits)
+        """dlogits (n, V_pad), already in W's dtype (dlogits() and the compiled chunk write it so) @ W -> out
+        (n, C) fp32."""
         if out.dtype == self.W.dtype:
             return torch.mm(dlogits, self.W, out=out)
         return out.copy_(dlogits @ self.W)
@@ -183,7 +182,8 @@ class _FusedKL(torch.autograd.Function):
                                              **({"d": (1, f32)} if clean is not None else {})})
         with torch.autocast(h.device.type, enabled=False):  # every op below picks its dtype itself
             for k, i in enumerate(range(0, N, chunk_size)):
-                j, n = min(i + chunk_size, N), min(i + chunk_size, N) - i
+                j = min(i + chunk_size, N)
+                n = j - i
                 if compiled:  # the same in two fused passes; dlogits end up in z
                     z = bufs.logits(h_mm, i, j, bufs.get("z", n))
                     zc = clean[k] if clean is not None else bufs.logits(hc_mm, i, j, bufs.get("zc", n))
@@ -252,7 +252,8 @@ def logit_stats(h, h_clean, W, idx, chunk_size=None, vocab=None):
     bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T), {"lg": (2, torch.float32), "p": (1, torch.float32)})
     with torch.autocast(h.device.type, enabled=False):
         for i in range(0, B * T, chunk_size):
-            j, n = min(i + chunk_size, B * T), min(i + chunk_size, B * T) - i
+            j = min(i + chunk_size, B * T)
+            n = j - i
             lp, lc = bufs.logits(h_mm, i, j, bufs.get("lg", n)), bufs.logits(hc_mm, i, j, bufs.get("lg", n, n))
             _log_softmax_(bufs.get("lg", 2 * n))
             out["ce"] += F.nll_loss(lp, targets[i:j], reduction="sum", ignore_index=-100).item()
