@@ -12,9 +12,10 @@ Each (loss, path) runs in a fresh process, so peak memory is its own (CPU: peak 
 After --warmup steps, --steps optimizer steps are timed. One step = one micro-batch forward + backward,
 grad clip and Adam step, exactly train.py's loss_step. --naive also runs the step the way the reference
 implementation does: a full clean forward to fp32 logits, a second full forward from the embedding with
-the SAE spliced in, full fp32 logits, the plain KL (losses.kl_div). --n_sae K also times one step of a
-sweep of K SAEs of each loss (λ = 1, 2, 4, ...; train.py's shared passes, then each SAE's loss, backward,
-clip and Adam step), in its own process, and reports its time and peak memory over the single step's.
+the SAE spliced in, full fp32 logits, the plain KL (losses.kl_div), and Adam's per-tensor loop. --n_sae K
+also times one step of a sweep of K SAEs of each loss (λ = 1, 2, 4, ...; train.py's shared passes, then each
+SAE's loss, backward, clip and Adam step), in its own process, and reports its time and peak memory over the
+single step's.
 
 MFU = the step's model FLOPs / the matmul FLOP/s measured on this machine, in this run, in the same
 dtype. Model FLOPs count each matmul the step needs once (2·m·n·k): prefix, clean suffix and unembedding
@@ -135,7 +136,7 @@ def measure(args, loss, path):
     from model import GPT, GPTConfig
     from sae import new_sae
     from sweep import KL_COEFF
-    from train import loss_step, shared_passes
+    from train import adam, loss_step, shared_passes
     device = args.device
     torch.manual_seed(0)
     cfg = neo_config(args) if args.arch == "gpt_neo" else GPTConfig(
@@ -149,7 +150,7 @@ def measure(args, loss, path):
             block.compile()
         for sae in saes:
             sae.compile()
-    opts = [torch.optim.Adam(sae.parameters(), lr=1e-4) for sae in saes]
+    opts = [torch.optim.Adam(sae.parameters(), lr=1e-4) if path == "naive" else adam(sae, 1e-4) for sae in saes]
     step_args = [argparse.Namespace(loss=loss, layer=args.layer, l1=2.0 ** i, kl_coeff=KL_COEFF.get(loss, 0.0),
                                     ds_coeff=2.5, kl_chunk=args.kl_chunk, batch_size=args.batch_size, ctx=args.ctx,
                                     compile=args.compile)

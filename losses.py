@@ -65,22 +65,37 @@ def mm_dtype(t):
 PAD_LOGIT = -1e30  # a padded vocabulary column's logit: exp() is exactly 0, and log p_clean − log p exactly 0
 
 
+_KEPT = {}  # CPU: buffer name -> the last call's buffer, see _Chunks._kept
+
+
 class _Chunks:
-    """The buffers of a chunked pass over the vocabulary, allocated once and reused by every chunk: on CPU a
-    fresh multi-MB tensor per op costs page faults that took about as long as the op.
+    """The buffers of a chunked pass over the vocabulary, allocated once and reused by every chunk (on CPU,
+    by every call too): a fresh multi-MB tensor per op costs page faults that took about as long as the op.
     W: (V_pad, C) unembedding already in the matmul dtype dt, rows V.. zero (model.unembedding pads it).
     shapes: {name: (rows per token of the chunk, dtype)}; a GEMM in dt from or into an fp32 buffer goes
     through `stage`, n rows in dt, made on first use."""
 
     def __init__(self, W, vocab, n, shapes):
         self.W, self.V, self.n = W, vocab, n
-        self.buf = {k: self._new(rows * n, dtype) for k, (rows, dtype) in shapes.items()}
+        self.buf = {k: self._kept(k, rows * n, dtype) for k, (rows, dtype) in shapes.items()}
         self._stage = None
 
     def stage(self, rows):
         if self._stage is None:
-            self._stage = self._new(self.n, self.W.dtype)
+            self._stage = self._kept("stage", self.n, self.W.dtype)
         return self._stage[:rows]
+
+    def _kept(self, name, rows, dtype):
+        """A buffer kept for the next call on CPU, where the OS hands freed multi-MB memory back and a fresh
+        buffer pays a page fault per 4 KB on first touch, every step; one per name, so memory stays bounded.
+        On CUDA the caching allocator already reuses memory, and holding it would raise the peak."""
+        if self.W.device.type != "cpu":
+            return self._new(rows, dtype)
+        t = _KEPT.get(name)
+        if t is None or t.shape != (rows, self.W.size(0)) or t.dtype != dtype:
+            _KEPT.pop(name, None)  # the old one is freed before the new one is made
+            t = _KEPT[name] = self._new(rows, dtype)
+        return t
 
     def _new(self, rows, dtype):
         return torch.empty(rows, self.W.size(0), dtype=dtype, device=self.W.device)
