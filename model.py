@@ -36,6 +36,9 @@ from hf_files import BUFFERS, check_weights, count_field as _count, read_config,
 MODEL_TYPES = ("gpt2", "gpt_neo")
 TINYSTORIES_1M = "roneneldan/TinyStories-1M"
 VOCAB_PAD = 128  # unembedding(): the vocabulary of the KL GEMMs is padded to a multiple of this
+# on CPU under bf16 autocast, attention over at most this many positions runs in fp32: torch's bf16 flash
+# kernel took 1.4x as long as fp32 for forward + backward at ctx 128 (AMX), and 0.7x as long at ctx 1024
+CPU_BF16_ATTN_FP32_T = 256
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
@@ -56,14 +59,23 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.window is not None and T > self.window:  # local: key j visible from i iff i - window < j <= i
-            i = torch.arange(T, device=x.device)
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        else:  # GPT-2, GPT-Neo's global layers, and local ones no longer than their window
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # flash where it can
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and T <= CPU_BF16_ATTN_FP32_T:
+            with torch.autocast("cpu", enabled=False):  # fp32 is faster here (CPU_BF16_ATTN_FP32_T)
+                y = self.attend(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            y = self.attend(q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                 # (B, T, C)
         return self.c_proj(y)
+
+    def attend(self, q, k, v):
+        """softmax(q kᵀ · scale + causal mask) v, per head: (B, nh, T, hs) -> (B, nh, T, hs)."""
+        T = q.size(2)
+        if self.window is not None and T > self.window:  # local: key j visible from i iff i - window < j <= i
+            i = torch.arange(T, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        # GPT-2, GPT-Neo's global layers, and local ones no longer than their window
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # flash where it can
 
 
 class MLP(nn.Module):
