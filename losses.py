@@ -115,8 +115,8 @@ class _Chunks:
     def dlogits(self, lp, pc):
         """softmax − softmax_clean = exp(lp) − pc, from fp32 buffers (lp is overwritten); written in W's
         dtype, the next GEMM's (through `stage` when that is not fp32: one rounding, as a cast after)."""
-        out = lp if self.W.dtype == torch.float32 else self.stage(lp.size(0))
-        return torch.sub(lp.exp_(), pc, out=out)
+        d = torch.sub(lp.exp_(), pc, out=lp)  # in place: an out= of another dtype would make a temporary
+        return d if self.W.dtype == torch.float32 else self.stage(lp.size(0)).copy_(d)
 
     def grad(self, dlogits, out):
         """dlogits (n, V_pad), already in W's dtype (dlogits() and the compiled chunk write it so) @ W -> out
