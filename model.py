@@ -36,8 +36,9 @@ from hf_files import BUFFERS, check_weights, count_field as _count, read_config,
 MODEL_TYPES = ("gpt2", "gpt_neo")
 TINYSTORIES_1M = "roneneldan/TinyStories-1M"
 VOCAB_PAD = 128  # unembedding(): the vocabulary of the KL GEMMs is padded to a multiple of this
-# on CPU under bf16 autocast, attention over at most this many positions runs in fp32: torch's bf16 flash
-# kernel took 1.4x as long as fp32 for forward + backward at ctx 128 (AMX), and 0.7x as long at ctx 1024
+# on CPU under bf16 autocast, attention that needs a backward runs in fp32 over at most this many positions:
+# forward + backward, torch's bf16 flash kernel took 2.3x as long as fp32 at ctx 128 (AMX), as long at 256, and
+# 0.65x as long at 1024; forward only, bf16 is 2.4x faster at every length, so the no-grad passes keep it
 CPU_BF16_ATTN_FP32_T = 256
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -59,8 +60,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and T <= CPU_BF16_ATTN_FP32_T:
-            with torch.autocast("cpu", enabled=False):  # fp32 is faster here (CPU_BF16_ATTN_FP32_T)
+        if q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu" and T <= CPU_BF16_ATTN_FP32_T:
+            with torch.autocast("cpu", enabled=False):  # with a backward, fp32 is faster here (CPU_BF16_ATTN_FP32_T)
                 y = self.attend(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             y = self.attend(q, k, v)
