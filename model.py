@@ -38,7 +38,7 @@ TINYSTORIES_1M = "roneneldan/TinyStories-1M"
 VOCAB_PAD = 128  # unembedding(): the vocabulary of the KL GEMMs is padded to a multiple of this
 # on CPU under bf16 autocast, attention that needs a backward runs in fp32 over at most this many positions:
 # forward + backward, torch's bf16 flash kernel took 2.3x as long as fp32 at ctx 128 (AMX), as long at 256, and
-# 0.65x as long at 1024; forward only, bf16 is 2.4x faster at every length, so the no-grad passes keep it
+# 0.65x as long at 1024; forward only, bf16 is 2.3-2.6x faster at every length, so no-grad passes keep it
 CPU_BF16_ATTN_FP32_T = 256
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}

@@ -152,3 +152,35 @@ def test_default_chunk_by_device_and_width():
     h, hc, W = torch.randn(300, 512, generator=g), torch.randn(300, 512, generator=g), torch.randn(50, 512, generator=g)
     with pytest.raises(ValueError, match="chunks are not those of 300 tokens by 128"):
         fused_kl_div(h, hc, W, clean=clean_logprobs(hc, W, 64))
+
+
+def test_cpu_bf16_buffers_are_kept_between_calls_and_change_nothing():
+    """Under bf16 on CPU the KL's chunk buffers outlive the call (no page faults next step): a second call, and
+    a call after one of another shape, give bitwise the first call's value and gradient; in fp32 nothing is kept."""
+    import losses
+    torch.manual_seed(0)
+    V, C = 300, 16
+    W = torch.randn(V, C).bfloat16()
+    h, h_clean = torch.randn(40, C), torch.randn(40, C)
+
+    def kl(n=40, chunk=16):
+        x = h[:n].clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_kl_div(x, h_clean[:n], W, chunk)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    losses._KEPT.clear()
+    first = kl()
+    kept = {k: t.data_ptr() for k, t in losses._KEPT.items()}
+    assert set(kept) == {"lg", "p", "stage"}
+    second = kl()
+    assert {k: t.data_ptr() for k, t in losses._KEPT.items()} == kept  # the same memory, reused
+    kl(n=12, chunk=5)  # another shape replaces them
+    third = kl()
+    for a, b, c in zip(first, second, third):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    losses._KEPT.clear()
+    x = h.clone().requires_grad_(True)
+    fused_kl_div(x, h_clean, W.float(), 16).backward()
+    assert not losses._KEPT
