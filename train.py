@@ -268,8 +268,8 @@ DIVERGE = 1e6  # a loss or SAE weight norm this many times its reference counts 
 
 
 def adam(sae, lr):
-    """The SAE's optimizer: Adam, fused into one kernel per step on CPU and CUDA (the same update; 3x faster
-    than the per-tensor loop for an SAE of 768 x 6144 on CPU)."""
+    """The SAE's optimizer: Adam, fused into one kernel per step on CPU and CUDA (the same update up to
+    rounding; 7.6 against 23.7 ms a step for the per-tensor loop, an SAE of 768 x 6144 on CPU)."""
     fused = next(sae.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.Adam(sae.parameters(), lr=lr, fused=fused or None)
 

@@ -59,3 +59,24 @@ def test_save_load_same_outputs(tmp_path):
     x = torch.randn(4, 16)
     for a, b in zip(sae(x), sae2(x)):
         assert torch.equal(a, b)
+
+
+def test_fused_adam_is_the_per_tensor_update():
+    """train.adam (fused on CPU) takes the same steps as torch's per-tensor Adam, to fp32 rounding."""
+    from train import adam
+    torch.manual_seed(0)
+    sae = SAE(8, 32)
+    ref, init = SAE(8, 32), {k: v.clone() for k, v in sae.state_dict().items()}
+    ref.load_state_dict(init)
+    opt, ref_opt = adam(sae, 1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=False)
+    assert opt.defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(16, 8)
+        for m, o in ((sae, opt), (ref, ref_opt)):
+            x_hat, c = m(x)
+            ((x_hat - x).pow(2).mean() + c.abs().mean()).backward()
+            o.step()
+            o.zero_grad()
+    for (k, a), b in zip(sae.state_dict().items(), ref.state_dict().values()):
+        assert (a - init[k]).abs().max() > 1e-3  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
