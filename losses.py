@@ -115,6 +115,20 @@ class _Chunks:
         out[:, self.V:] = PAD_LOGIT
         return out
 
+    def log_probs(self, h, h_clean, i, j):
+        """log p and log p_clean of rows i:j, side by side in the "lg" buffer (2n rows) and log-softmaxed in place
+        by one call: two (n, V_pad) views."""
+        n = j - i
+        lp, lc = self.logits(h, i, j, self.get("lg", n)), self.logits(h_clean, i, j, self.get("lg", n, n))
+        _log_softmax_(self.get("lg", 2 * n))
+        return lp, lc
+
+    def kl_sum(self, lp, lc, out):
+        """(Σ pc (lc − lp) over the chunk as an fp32 scalar tensor, pc = exp(lc) in the "p" buffer); lc − lp is
+        written into out, which may be lc."""
+        pc = torch.exp(lc, out=self.get("p", lp.size(0)))
+        return torch.dot(pc.view(-1), torch.sub(lc, lp, out=out).view(-1)), pc
+
     def dlogits(self, lp, pc):
         """softmax − softmax_clean = exp(lp) − pc, from fp32 buffers (lp is overwritten); written in W's
         dtype, the next GEMM's (through `stage` when that is not fp32: one rounding, as a cast after)."""
@@ -208,16 +222,14 @@ class _FusedKL(torch.autograd.Function):
                     total += _kl_chunk_compiled()(z, zc, clean is None)
                     dlogits = z
                 else:
-                    lp = bufs.logits(h_mm, i, j, bufs.get("lg", n))                          # (n, V_pad)
-                    if clean is None:
-                        lc = bufs.logits(hc_mm, i, j, bufs.get("lg", n, n))
-                        _log_softmax_(bufs.get("lg", 2 * n))                                  # log p, log p_clean
+                    if clean is None:                                                          # (n, V_pad) each
+                        lp, lc = bufs.log_probs(h_mm, hc_mm, i, j)                            # log p, log p_clean
                         d = lc
                     else:
+                        lp = _log_softmax_(bufs.logits(h_mm, i, j, bufs.get("lg", n)))
                         lc, d = clean[k], bufs.get("d", n)
-                        _log_softmax_(lp)
-                    pc = torch.exp(lc, out=bufs.get("p", n))                                  # p_clean
-                    total += torch.dot(pc.view(-1), torch.sub(lc, lp, out=d).view(-1))        # Σ pc (lc − lp)
+                    kl, pc = bufs.kl_sum(lp, lc, d)                                           # Σ pc (lc − lp)
+                    total += kl
                     dlogits = bufs.dlogits(lp, pc) if need_grad else None                    # p − p_clean
                 if need_grad:
                     bufs.grad(dlogits, grad_h[i:j])                                           # (n, C)
@@ -267,15 +279,13 @@ def logit_stats(h, h_clean, W, idx, chunk_size=None, vocab=None):
     h_mm, hc_mm = h.reshape(-1, C).to(dt), h_clean.reshape(-1, C).to(dt)
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1).reshape(-1)  # last pos ignored
     out = dict(kl=0.0, ce=0.0, ce_clean=0.0, n_kl=B * T, n_ce=B * (T - 1))
-    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T), {"lg": (2, torch.float32), "p": (1, torch.float32)})
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T),
+                   {"lg": (2, torch.float32), "p": (1, torch.float32)})
     with torch.autocast(h.device.type, enabled=False):
         for i in range(0, B * T, chunk_size):
             j = min(i + chunk_size, B * T)
-            n = j - i
-            lp, lc = bufs.logits(h_mm, i, j, bufs.get("lg", n)), bufs.logits(hc_mm, i, j, bufs.get("lg", n, n))
-            _log_softmax_(bufs.get("lg", 2 * n))
+            lp, lc = bufs.log_probs(h_mm, hc_mm, i, j)
             out["ce"] += F.nll_loss(lp, targets[i:j], reduction="sum", ignore_index=-100).item()
             out["ce_clean"] += F.nll_loss(lc, targets[i:j], reduction="sum", ignore_index=-100).item()
-            pc = torch.exp(lc, out=bufs.get("p", n))
-            out["kl"] += torch.dot(pc.view(-1), torch.sub(lc, lp, out=lc).view(-1)).item()
+            out["kl"] += bufs.kl_sum(lp, lc, lc)[0].item()
     return out
