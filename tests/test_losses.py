@@ -154,6 +154,43 @@ def test_default_chunk_by_device_and_width():
         fused_kl_div(h, hc, W, clean=clean_logprobs(hc, W, 64))
 
 
+def test_cpu_bf16_both_sides_in_one_gemm():
+    """On CPU under bf16 a chunk's spliced and clean logits come from one GEMM over both sides' rows. The KL and
+    gradient are those of the clean side computed on its own (clean_logprobs): bitwise where this machine's bf16
+    GEMM gives a row the bits it has alone (checked here on the same rows), else to rounding; and the plain
+    formula's to bf16 accuracy. logit_stats, which shares the code, gives the same KL."""
+    g = torch.Generator().manual_seed(8)
+    V, C, chunk = 1001, 32, 16
+    Wp = _pad(torch.randn(V, C, generator=g) * 0.3).bfloat16()
+    h, hc = torch.randn(37, C, generator=g), torch.randn(37, C, generator=g)  # the last chunk has 5 rows
+    hb, hcb = h.bfloat16(), hc.bfloat16()
+    import losses
+    losses._KEPT.clear()
+    rows_alone = True
+    for i in range(0, 37, chunk):
+        a, b = hb[i:i + chunk], hcb[i:i + chunk]
+        both = torch.mm(torch.cat([a, b]), Wp.t())
+        rows_alone &= torch.equal(both[:len(a)], a @ Wp.t()) and torch.equal(both[len(a):], b @ Wp.t())
+    res = []
+    for shared in (False, True):
+        x = h.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kl = fused_kl_div(x, hc, Wp, chunk, clean=clean_logprobs(hc, Wp, chunk, vocab=V) if shared else None, vocab=V)
+        kl.backward()
+        res.append((kl.detach(), x.grad))
+    assert losses._KEPT["stage"].shape == (2 * chunk, Wp.size(0))  # the GEMM's output: both sides' rows
+    if rows_alone:
+        assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    else:
+        torch.testing.assert_close(res[0], res[1], rtol=1e-5, atol=1e-7)
+    x = h.clone().requires_grad_(True)
+    ref = kl_div(hb.float() @ Wp[:V].float().t(), hcb.float() @ Wp[:V].float().t())  # bf16 operands, fp32 math
+    assert res[0][0].item() == pytest.approx(ref.item(), rel=2e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = logit_stats(h.view(1, 37, C), hc.view(1, 37, C), Wp, torch.zeros(1, 37, dtype=torch.long), chunk, vocab=V)
+    assert stats["kl"] / 37 == pytest.approx(res[0][0].item(), rel=1e-6)
+
+
 def test_cpu_bf16_buffers_are_kept_between_calls_and_change_nothing():
     """Under bf16 on CPU the KL's chunk buffers outlive the call (no page faults next step): a second call, and
     a call after one of another shape, give bitwise the first call's value and gradient; in fp32 nothing is kept."""
