@@ -32,7 +32,7 @@ def kl_chunk(device, width=0):
 
 def sparsity_loss(c, d):
     """mean_n ‖c_n‖₁ / d, where d is the SAE's input size. c: (..., n_dict)."""
-    return c.float().abs().sum(-1).mean() / d
+    return c.abs().sum(-1, dtype=torch.float32).mean() / d  # fp32 sum, no fp32 copy of c (bf16: 4.2 -> 2.5 ms)
 
 
 def mse_loss(x_hat, x):

@@ -32,7 +32,7 @@ def test_forward_uses_unit_norm_columns():
 
 
 def test_unit_norm_gradient_is_that_of_the_plain_formula():
-    """dict_elements computes 1/‖W_d‖ as rsqrt of a column sum of squares (faster than w.norm); its value and
+    """dict_elements computes 1/‖W_d‖ as rsqrt of a column sum of squares, its gradient by the closed form; its value and
     the gradient through it are those of W_d / W_d.norm(dim=0), to fp32 rounding."""
     torch.manual_seed(1)
     sae = SAE(32, 96)
@@ -46,6 +46,15 @@ def test_unit_norm_gradient_is_that_of_the_plain_formula():
     torch.testing.assert_close(sae.dict_elements(), ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(sae.decoder.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
     assert sae.decoder.weight.grad.abs().max() > 0.1  # a gradient that is not rounding noise
+    sae.decoder.weight.grad = None  # in bf16: D is the fp32 one rounded, the gradient from a bf16 g is fp32
+    gb = g.bfloat16()
+    D = sae.dict_elements(torch.bfloat16)
+    (D.float() * gb.float()).sum().backward()
+    w.grad = None
+    (w / w.norm(dim=0, keepdim=True) * gb.float()).sum().backward()
+    assert D.dtype == torch.bfloat16 and torch.equal(D, sae.dict_elements().detach().bfloat16())
+    assert sae.decoder.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(sae.decoder.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_same_outputs(tmp_path):
