@@ -22,6 +22,7 @@ import torch.nn.functional as F
 # W_U and 128 rows per pass is faster; on an H100 512 is 5% faster than 128 and larger gains nothing
 KL_CHUNK = {"cpu": 64, "cuda": 512}
 KL_CHUNK_WIDE_CPU, WIDE = 128, 512  # the CPU chunk for a model of width C >= WIDE
+KL_BLOCK = {"cpu": 32}  # rows per elementwise block (_Chunks), by device; on others the whole chunk is one
 
 
 def kl_chunk(device, width=0):
@@ -65,86 +66,103 @@ def mm_dtype(t):
 PAD_LOGIT = -1e30  # a padded vocabulary column's logit: exp() is exactly 0, and log p_clean − log p exactly 0
 
 
-_KEPT = {}  # CPU, bf16: buffer name -> the last call's buffer, see _Chunks._kept
+_KEPT = {}  # CPU, bf16: buffer name -> the last call's buffer, see _Chunks.buf
 
 
 class _Chunks:
-    """The buffers of a chunked pass over the vocabulary, allocated once and reused by every chunk (on CPU
+    """The buffers of a chunked pass over the vocabulary, made on first use and reused by every chunk (on CPU
     under bf16, by every call too): a fresh multi-MB tensor per op costs page faults that took about as long
-    as the op.
-    W: (V_pad, C) unembedding already in the matmul dtype dt, rows V.. zero (model.unembedding pads it).
-    shapes: {name: (rows per token of the chunk, dtype)}; a GEMM in dt from or into an fp32 buffer goes
-    through `stage`, n rows in dt, made on first use."""
+    as the op. W: (V_pad, C) unembedding already in the matmul dtype dt, rows V.. zero (model.unembedding
+    pads it); n tokens per chunk (the GEMMs), m per block (the elementwise work).
+        z        (2n, V_pad) in dt: the chunk's logits, spliced rows then clean ones (n rows when the clean
+                 side is shared); a block's dlogits go back into its spliced rows, which the gradient GEMM reads
+        lg       (2m, V_pad) fp32: a block's log p and log p_clean (in dt = fp32, they are z's rows themselves)
+        p, d     (m, V_pad) fp32: p_clean, and log p_clean − log p when the clean side is shared (read only)
+    On CPU a block of m = 32 rows is 6 MB a side in fp32, so its seven elementwise passes run in cache while
+    the GEMMs keep n rows: config B's KL, forward and backward, under bf16 170 -> 152 ms (min of 24 alternated
+    runs); in fp32, where the GEMMs write z in fp32, the same time with smaller p and lg."""
 
-    def __init__(self, W, vocab, n, shapes):
-        self.W, self.V, self.n = W, vocab, n
-        self.buf = {k: self._kept(k, rows * n, dtype) for k, (rows, dtype) in shapes.items()}
-        self._stage = None
-        self.merged = W.device.type == "cpu" and W.dtype != torch.float32  # one GEMM for both sides: log_probs
+    def __init__(self, W, vocab, n, m=None):
+        self.W, self.V, self.n, self.m = W, vocab, n, m or n
+        self.cpu_bf16 = W.device.type == "cpu" and W.dtype != torch.float32
+        self.bufs = {}
 
-    def stage(self, rows):
-        if self._stage is None:
-            self._stage = self._kept("stage", (2 if self.merged else 1) * self.n, self.W.dtype)
-        return self._stage[:rows]
-
-    def _kept(self, name, rows, dtype):
-        """A buffer kept for the next call on CPU under bf16, where the OS hands freed multi-MB memory back
-        and a fresh buffer pays a page fault per 4 KB on first touch, every step (config B: 13% of the KL);
-        one per name, so memory stays bounded. In fp32 the GEMMs dominate: keeping gained 1-4% of the KL
-        there and, held through the backward, raised a step's peak by 70 MB. On CUDA the caching allocator
-        already reuses memory."""
-        if self.W.device.type != "cpu" or self.W.dtype == torch.float32:
-            return self._new(rows, dtype)
-        t = _KEPT.get(name)
-        if t is None or t.shape != (rows, self.W.size(0)) or t.dtype != dtype:
-            _KEPT.pop(name, None)  # the old one is freed before the new one is made
-            t = _KEPT[name] = self._new(rows, dtype)
+    def buf(self, name, rows, dtype):
+        """The buffer name, (rows, V_pad) in dtype. On CPU under bf16 it is kept for the next call, where the OS
+        hands freed multi-MB memory back and a fresh buffer pays a page fault per 4 KB on first touch, every
+        step (config B: 13% of the KL); one per name, so memory stays bounded. In fp32 the GEMMs dominate:
+        keeping gained 1-4% of the KL there and, held through the backward, raised a step's peak by 70 MB.
+        On CUDA the caching allocator already reuses memory."""
+        t = self.bufs.get(name)
+        if t is None:
+            if not self.cpu_bf16:
+                t = torch.empty(rows, self.W.size(0), dtype=dtype, device=self.W.device)
+            else:
+                t = _KEPT.get(name)
+                if t is None or t.shape != (rows, self.W.size(0)) or t.dtype != dtype:
+                    _KEPT.pop(name, None)  # the old one is freed before the new one is made
+                    t = _KEPT[name] = torch.empty(rows, self.W.size(0), dtype=dtype)
+            self.bufs[name] = t
         return t
 
-    def _new(self, rows, dtype):
-        return torch.empty(rows, self.W.size(0), dtype=dtype, device=self.W.device)
-
-    def get(self, name, rows, start=0):
-        return self.buf[name][start:start + rows]
-
-    def logits(self, h, i, j, out):
-        """The logits of rows i:j into out (n, V_pad), the padded columns at PAD_LOGIT."""
+    def logits(self, h, out):
+        """h (r, C) @ W_Uᵀ into out (r, V_pad), the GEMM in dt (through z when out is fp32 and dt is not), the
+        padded columns at PAD_LOGIT."""
         if out.dtype == self.W.dtype:
-            torch.mm(h[i:j], self.W.t(), out=out)
+            torch.mm(h, self.W.t(), out=out)
         else:
-            out.copy_(torch.mm(h[i:j], self.W.t(), out=self.stage(j - i)))  # the GEMM in dt, then fp32
+            out.copy_(torch.mm(h, self.W.t(), out=self.buf("z", 2 * self.n, self.W.dtype)[:h.size(0)]))
         out[:, self.V:] = PAD_LOGIT
         return out
 
-    def log_probs(self, h, h_clean, i, j):
-        """log p and log p_clean of rows i:j, side by side in the "lg" buffer (2n rows) and log-softmaxed in place
-        by one call: two (n, V_pad) views. On CPU under bf16 both sides are one GEMM of 2n rows, one pass over
-        W_U instead of two (config B: the KL's forward and backward 251 -> 223 ms); oneDNN gives each row the
-        bits it has alone, so a shared clean side (clean_logprobs) still gives the same KL bitwise."""
-        n = j - i
-        lg = self.get("lg", 2 * n)
-        if self.merged:
-            self.logits(torch.cat([h[i:j], h_clean[i:j]]), 0, 2 * n, lg)
+    def gemm(self, h, h_clean, i, j):
+        """The logits of rows i:j into z: spliced, then clean unless h_clean is None (the clean side shared).
+        On CPU under bf16 both sides are one GEMM of 2n rows, one pass over W_U instead of two (config B: the
+        KL's forward and backward 251 -> 223 ms); oneDNN gives each row the bits it has alone, so a shared
+        clean side (clean_logprobs) still gives the same KL bitwise."""
+        n = self.rows = j - i
+        z = self.buf("z", 2 * self.n if h_clean is not None or self.cpu_bf16 else self.n, self.W.dtype)
+        if h_clean is None:
+            self.logits(h[i:j], z[:n])
+        elif self.cpu_bf16:
+            self.logits(torch.cat([h[i:j], h_clean[i:j]]), z[:2 * n])
         else:
-            self.logits(h, i, j, lg[:n]), self.logits(h_clean, i, j, lg[n:])
-        _log_softmax_(lg)
-        return lg[:n], lg[n:]
+            self.logits(h[i:j], z[:n]), self.logits(h_clean[i:j], z[n:2 * n])
+        return z
 
-    def kl_sum(self, lp, lc, out):
-        """(Σ pc (lc − lp) over the chunk as an fp32 scalar tensor, pc = exp(lc) in the "p" buffer); lc − lp is
-        written into out, which may be lc."""
-        pc = torch.exp(lc, out=self.get("p", lp.size(0)))
+    def log_probs(self, s, e, clean=None):
+        """log p and log p_clean of the chunk's rows s:e, fp32 (e − s, V_pad) views, log-softmaxed in place: in
+        z itself in fp32, else in lg (both sides' rows, one call). clean: the chunk's shared log p_clean."""
+        z, n, b = self.bufs["z"], self.rows, e - s
+        if z.dtype == torch.float32:
+            return _log_softmax_(z[s:e]), (clean[s:e] if clean is not None else _log_softmax_(z[n + s:n + e]))
+        lg = self.buf("lg", 2 * self.m, torch.float32)
+        lg[:b].copy_(z[s:e])
+        if clean is not None:
+            return _log_softmax_(lg[:b]), clean[s:e]
+        lg[b:2 * b].copy_(z[n + s:n + e])
+        _log_softmax_(lg[:2 * b])
+        return lg[:b], lg[b:2 * b]
+
+    def kl_sum(self, lp, lc, shared=False):
+        """(Σ pc (lc − lp) over the block as an fp32 scalar tensor, pc = exp(lc) in p); lc − lp is written into
+        lc, or into d when lc is shared (read only)."""
+        b = lp.size(0)
+        pc = torch.exp(lc, out=self.buf("p", self.m, torch.float32)[:b])
+        out = self.buf("d", self.m, torch.float32)[:b] if shared else lc
         return torch.dot(pc.view(-1), torch.sub(lc, lp, out=out).view(-1)), pc
 
-    def dlogits(self, lp, pc):
-        """softmax − softmax_clean = exp(lp) − pc, from fp32 buffers (lp is overwritten); written in W's
-        dtype, the next GEMM's (through `stage` when that is not fp32: one rounding, as a cast after)."""
+    def dlogits(self, lp, pc, s, e):
+        """softmax − softmax_clean = exp(lp) − pc of the chunk's rows s:e (lp is overwritten), into z's spliced
+        rows in dt (one rounding, as a cast after), where the gradient GEMM reads them."""
         d = torch.sub(lp.exp_(), pc, out=lp)  # in place: an out= of another dtype would make a temporary
-        return d if self.W.dtype == torch.float32 else self.stage(lp.size(0)).copy_(d)
+        z = self.bufs["z"]
+        if d.data_ptr() != z[s:e].data_ptr():
+            z[s:e].copy_(d)
 
-    def grad(self, dlogits, out):
-        """dlogits (n, V_pad), already in W's dtype (dlogits() and the compiled chunk write it so) @ W -> out
-        (n, C) fp32."""
+    def grad(self, out):
+        """The chunk's dlogits (z's first rows, in dt) @ W -> out (n, C) fp32."""
+        dlogits = self.bufs["z"][:self.rows]
         if out.dtype == self.W.dtype:
             return torch.mm(dlogits, self.W, out=out)
         return out.copy_(dlogits @ self.W)
@@ -168,12 +186,12 @@ def clean_logprobs(h_clean, W, chunk_size=None, vocab=None):
     dt = mm_dtype(h_clean)
     hc_mm, W_mm = h_clean.reshape(-1, C).to(dt), W.to(dt)
     N = hc_mm.size(0)
-    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, N), {})
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, N))
     out = []
     with torch.autocast(h_clean.device.type, enabled=False):
         for i in range(0, N, chunk_size):
             j = min(i + chunk_size, N)
-            out.append(_log_softmax_(bufs.logits(hc_mm, i, j, bufs._new(j - i, torch.float32))))
+            out.append(_log_softmax_(bufs.logits(hc_mm[i:j], hc_mm.new_empty(j - i, W.size(0), dtype=torch.float32))))
     return out
 
 
@@ -198,12 +216,13 @@ def _kl_chunk_compiled():
 
 
 class _FusedKL(torch.autograd.Function):
-    """Per chunk of n tokens, three (n, V_pad) fp32 buffers and no other (n, V) tensor:
-        lg[:n]  logits, log p in place, then softmax − softmax_clean = dlogits      p   p_clean
-        lg[n:]  clean logits, log p_clean in place, then log p_clean − log p
-                (d instead when the clean side is shared: clean[k] is only read)
-    KL += Σ pc (lc − lp) as one dot; grad_h[rows] = dlogits @ W_U. Both log-softmaxes are one in-place call
-    over the 2n rows."""
+    """Per chunk of n tokens (the buffers: _Chunks):
+        z = [h; h_clean] W_Uᵀ                                         the GEMM(s), (2n, V_pad) in the matmul dtype
+        per block of m rows, in fp32:  lp, lc = log_softmax of both sides' rows
+                                       KL += Σ pc (lc − lp) as one dot,  pc = exp(lc)
+                                       z's spliced rows = exp(lp) − pc = dlogits
+        grad_h[rows] = dlogits @ W_U / N                              the gradient GEMM, in the forward
+    With a shared clean side (clean[k], log p_clean, read only) z holds the spliced rows alone."""
 
     @staticmethod
     def forward(ctx, h, h_clean, W, chunk_size, clean, vocab, compiled):
@@ -214,33 +233,24 @@ class _FusedKL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        n0, f32 = min(chunk_size, N), torch.float32
-        if compiled:  # the logits as the GEMM writes them (dt); the compiled function casts
-            bufs = _Chunks(W_mm, vocab, n0, {"z": (1, dt), **({"zc": (1, dt)} if clean is None else {})})
-        else:
-            bufs = _Chunks(W_mm, vocab, n0, {"lg": (2 if clean is None else 1, f32), "p": (1, f32),
-                                             **({"d": (1, f32)} if clean is not None else {})})
+        bufs = _Chunks(W_mm, vocab, min(chunk_size, N), KL_BLOCK.get(h.device.type) if not compiled else None)
         with torch.autocast(h.device.type, enabled=False):  # every op below picks its dtype itself
             for k, i in enumerate(range(0, N, chunk_size)):
                 j = min(i + chunk_size, N)
                 n = j - i
-                if compiled:  # the same in two fused passes; dlogits end up in z
-                    z = bufs.logits(h_mm, i, j, bufs.get("z", n))
-                    zc = clean[k] if clean is not None else bufs.logits(hc_mm, i, j, bufs.get("zc", n))
-                    total += _kl_chunk_compiled()(z, zc, clean is None)
-                    dlogits = z
+                z = bufs.gemm(h_mm, hc_mm, i, j)                    # (2n, V_pad) logits; (n, V_pad) if shared
+                if compiled:  # the chunk in two fused passes; dlogits end up in z's first n rows
+                    total += _kl_chunk_compiled()(z[:n], z[n:2 * n] if clean is None else clean[k], clean is None)
                 else:
-                    if clean is None:                                                          # (n, V_pad) each
-                        lp, lc = bufs.log_probs(h_mm, hc_mm, i, j)                            # log p, log p_clean
-                        d = lc
-                    else:
-                        lp = _log_softmax_(bufs.logits(h_mm, i, j, bufs.get("lg", n)))
-                        lc, d = clean[k], bufs.get("d", n)
-                    kl, pc = bufs.kl_sum(lp, lc, d)                                           # Σ pc (lc − lp)
-                    total += kl
-                    dlogits = bufs.dlogits(lp, pc) if need_grad else None                    # p − p_clean
+                    for s in range(0, n, bufs.m):
+                        e = min(s + bufs.m, n)
+                        lp, lc = bufs.log_probs(s, e, clean[k] if clean is not None else None)  # (b, V_pad) each
+                        kl, pc = bufs.kl_sum(lp, lc, shared=clean is not None)      # Σ pc (lc − lp), pc = p_clean
+                        total += kl
+                        if need_grad:
+                            bufs.dlogits(lp, pc, s, e)                               # p − p_clean, into z
                 if need_grad:
-                    bufs.grad(dlogits, grad_h[i:j])                                           # (n, C)
+                    bufs.grad(grad_h[i:j])                                           # (n, C) = dlogits @ W_U
         if need_grad:
             grad_h.div_(N)
         ctx.save_for_backward(grad_h)
@@ -287,13 +297,16 @@ def logit_stats(h, h_clean, W, idx, chunk_size=None, vocab=None):
     h_mm, hc_mm = h.reshape(-1, C).to(dt), h_clean.reshape(-1, C).to(dt)
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1).reshape(-1)  # last pos ignored
     out = dict(kl=0.0, ce=0.0, ce_clean=0.0, n_kl=B * T, n_ce=B * (T - 1))
-    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T),
-                   {"lg": (2, torch.float32), "p": (1, torch.float32)})
+    bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, B * T), KL_BLOCK.get(h.device.type))
     with torch.autocast(h.device.type, enabled=False):
         for i in range(0, B * T, chunk_size):
             j = min(i + chunk_size, B * T)
-            lp, lc = bufs.log_probs(h_mm, hc_mm, i, j)
-            out["ce"] += F.nll_loss(lp, targets[i:j], reduction="sum", ignore_index=-100).item()
-            out["ce_clean"] += F.nll_loss(lc, targets[i:j], reduction="sum", ignore_index=-100).item()
-            out["kl"] += bufs.kl_sum(lp, lc, lc)[0].item()
+            bufs.gemm(h_mm, hc_mm, i, j)
+            for s in range(0, j - i, bufs.m):
+                e = min(s + bufs.m, j - i)
+                lp, lc = bufs.log_probs(s, e)
+                t = targets[i + s:i + e]
+                out["ce"] += F.nll_loss(lp, t, reduction="sum", ignore_index=-100).item()
+                out["ce_clean"] += F.nll_loss(lc, t, reduction="sum", ignore_index=-100).item()
+                out["kl"] += bufs.kl_sum(lp, lc)[0].item()
     return out

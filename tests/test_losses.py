@@ -74,9 +74,13 @@ def test_sparsity_mse_downstream_formulas():
     assert math.isfinite(sparsity_loss(c.bfloat16(), 3).item())
 
 
-@pytest.mark.parametrize("chunk", [5, 16, 37])
-def test_shared_clean_side_is_bitwise_the_same(chunk):
-    """Several SAEs of a sweep share clean_logprobs: the KL and its gradient are those of recomputing it."""
+@pytest.mark.parametrize("chunk,block", [(5, None), (16, None), (37, None), (16, 3), (37, 8)])
+def test_shared_clean_side_is_bitwise_the_same(chunk, block, monkeypatch):
+    """Several SAEs of a sweep share clean_logprobs: the KL and its gradient are those of recomputing it, also
+    with several elementwise blocks per chunk (block rows, the last one short)."""
+    import losses
+    if block:
+        monkeypatch.setitem(losses.KL_BLOCK, "cpu", block)
     g = torch.Generator().manual_seed(3)
     h, hc, W = torch.randn(2, 19, 12, generator=g), torch.randn(2, 19, 12, generator=g), torch.randn(300, 12, generator=g)
     out = []
@@ -97,10 +101,14 @@ def _pad(W, multiple=128):
     return torch.cat([W, W.new_zeros(V_pad - W.size(0), W.size(1))])
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_padded_vocabulary_gives_the_plain_kl_and_grad(shared):
+@pytest.mark.parametrize("shared,block", [(False, None), (True, None), (False, 3), (True, 3)])
+def test_padded_vocabulary_gives_the_plain_kl_and_grad(shared, block, monkeypatch):
     """Zero rows appended to W_U (aligned GEMMs) change nothing: the padded logits are masked out. fp32 value
-    and gradient against the plain formula on the V real logits, to 1e-6 relative."""
+    and gradient against the plain formula on the V real logits, to 1e-6 relative; also with elementwise
+    blocks of 3 rows in chunks of 8 (and logit_stats)."""
+    import losses
+    if block:
+        monkeypatch.setitem(losses.KL_BLOCK, "cpu", block)
     g = torch.Generator().manual_seed(4)
     B, T, C, V = 2, 13, 16, 1001  # V odd, padded to 1024
     W = torch.randn(V, C, generator=g) * 0.5
@@ -154,11 +162,16 @@ def test_default_chunk_by_device_and_width():
         fused_kl_div(h, hc, W, clean=clean_logprobs(hc, W, 64))
 
 
-def test_cpu_bf16_both_sides_in_one_gemm():
+@pytest.mark.parametrize("block", [None, 6])
+def test_cpu_bf16_both_sides_in_one_gemm(block, monkeypatch):
     """On CPU under bf16 a chunk's spliced and clean logits come from one GEMM over both sides' rows. The KL and
     gradient are those of the clean side computed on its own (clean_logprobs): bitwise where this machine's bf16
     GEMM gives a row the bits it has alone (checked here on the same rows), else to rounding; and the plain
-    formula's to bf16 accuracy. logit_stats, which shares the code, gives the same KL."""
+    formula's to bf16 accuracy. logit_stats, which shares the code, gives the same KL. Also with elementwise
+    blocks of 6 rows in chunks of 16."""
+    import losses
+    if block:
+        monkeypatch.setitem(losses.KL_BLOCK, "cpu", block)
     g = torch.Generator().manual_seed(8)
     V, C, chunk = 1001, 32, 16
     Wp = _pad(torch.randn(V, C, generator=g) * 0.3).bfloat16()
@@ -178,7 +191,7 @@ def test_cpu_bf16_both_sides_in_one_gemm():
             kl = fused_kl_div(x, hc, Wp, chunk, clean=clean_logprobs(hc, Wp, chunk, vocab=V) if shared else None, vocab=V)
         kl.backward()
         res.append((kl.detach(), x.grad))
-    assert losses._KEPT["stage"].shape == (2 * chunk, Wp.size(0))  # the GEMM's output: both sides' rows
+    assert losses._KEPT["z"].shape == (2 * chunk, Wp.size(0))  # the GEMM's output: both sides' rows
     if rows_alone:
         assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
     else:
@@ -210,7 +223,7 @@ def test_cpu_bf16_buffers_are_kept_between_calls_and_change_nothing():
     losses._KEPT.clear()
     first = kl()
     kept = {k: t.data_ptr() for k, t in losses._KEPT.items()}
-    assert set(kept) == {"lg", "p", "stage"}
+    assert set(kept) == {"z", "lg", "p"}
     second = kl()
     assert {k: t.data_ptr() for k, t in losses._KEPT.items()} == kept  # the same memory, reused
     kl(n=12, chunk=5)  # another shape replaces them
