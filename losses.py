@@ -111,7 +111,8 @@ class _Chunks:
         if out.dtype == self.W.dtype:
             torch.mm(h, self.W.t(), out=out)
         else:
-            out.copy_(torch.mm(h, self.W.t(), out=self.buf("z", 2 * self.n, self.W.dtype)[:h.size(0)]))
+            z = self.buf("z", (2 if self.cpu_bf16 else 1) * self.n, self.W.dtype)  # one size per name when kept
+            out.copy_(torch.mm(h, self.W.t(), out=z[:h.size(0)]))
         out[:, self.V:] = PAD_LOGIT
         return out
 
