@@ -52,7 +52,7 @@ parser.add_argument("--layer", type=nonneg_int, default=6, help="SAE on the resi
 parser.add_argument("--dict_ratio", type=positive_float, default=8.0, help="n_dict = dict_ratio * n_embd")
 parser.add_argument("--loss", default="all", choices=["local", "e2e", "e2e_ds", "all"], help="the loss to time; all: each")
 parser.add_argument("--kl_chunk", type=positive_int, default=None,
-                    help="tokens per fused-KL chunk; if unset, losses.kl_chunk for the device and width (64 CPU, 128 there from width 512, 512 CUDA)")
+                    help="tokens per fused-KL chunk; if unset, losses.kl_chunk for the device and width (64 CPU, 128 there from width 512 (256 under bf16), 512 CUDA)")
 # measurement
 parser.add_argument("--steps", type=positive_int, default=5, help="timed steps")
 parser.add_argument("--warmup", type=nonneg_int, default=2, help="untimed steps first")

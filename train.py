@@ -111,7 +111,7 @@ parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto"
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
 parser.add_argument("--compile", action="store_true",
                     help="torch.compile the GPT blocks, the SAE and the KL's elementwise work per chunk")
-parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per chunk of the fused KL (default 64 on CPU, 128 there from width 512, 512 on CUDA)")
+parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per chunk of the fused KL (default 64 on CPU, 128 there from width 512 (256 under bf16), 512 on CUDA)")
 parser.add_argument("--no_kl_share", action="store_true", help="with several e2e SAEs, recompute the clean side of "
                     "the KL per SAE instead of holding it once (batch_size x ctx x vocab fp32)")
 parser.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many bad steps in a row, each "

@@ -153,13 +153,20 @@ def test_compiled_chunk_matches_eager():
             torch.testing.assert_close(grad, res[0][1], rtol=1e-5, atol=1e-7)
 
 
-def test_default_chunk_by_device_and_width():
-    """64 tokens on CPU, 128 there from width 512 (W_U-read-bound GEMMs), 512 on CUDA; fused_kl_div uses it."""
+def test_default_chunk_by_device_width_and_dtype():
+    """64 tokens on CPU, 128 there from width 512 (W_U-read-bound GEMMs) and 256 under bf16, 512 on CUDA;
+    fused_kl_div and clean_logprobs use it, with the dtype autocast gives."""
     assert [kl_chunk("cpu", 128), kl_chunk("cpu", 511), kl_chunk("cpu", 768), kl_chunk("cuda", 768)] == [64, 64, 128, 512]
+    assert [kl_chunk("cpu", 128, torch.bfloat16), kl_chunk("cpu", 768, torch.bfloat16)] == [64, 256]
     g = torch.Generator().manual_seed(6)
     h, hc, W = torch.randn(300, 512, generator=g), torch.randn(300, 512, generator=g), torch.randn(50, 512, generator=g)
     with pytest.raises(ValueError, match="chunks are not those of 300 tokens by 128"):
         fused_kl_div(h, hc, W, clean=clean_logprobs(hc, W, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [c.size(0) for c in clean_logprobs(hc, W)] == [256, 44]
+        with pytest.raises(ValueError, match="chunks are not those of 300 tokens by 256"):
+            fused_kl_div(h, hc, W, clean=clean_logprobs(hc, W, 128))
+        fused_kl_div(h, hc, W, clean=clean_logprobs(hc, W))  # the same default on both sides
 
 
 @pytest.mark.parametrize("block", [None, 6])
