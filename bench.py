@@ -34,6 +34,7 @@ import time
 import torch
 
 from cli import nonempty, nonneg_int, positive_float, positive_int
+from losses import kl_chunk_defaults
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # model shape (a random GPT-2 or GPT-Neo; the defaults are GPT-2 small's)
@@ -52,7 +53,7 @@ parser.add_argument("--layer", type=nonneg_int, default=6, help="SAE on the resi
 parser.add_argument("--dict_ratio", type=positive_float, default=8.0, help="n_dict = dict_ratio * n_embd")
 parser.add_argument("--loss", default="all", choices=["local", "e2e", "e2e_ds", "all"], help="the loss to time; all: each")
 parser.add_argument("--kl_chunk", type=positive_int, default=None,
-                    help="tokens per fused-KL chunk; if unset, losses.kl_chunk for the device and width (64 CPU, 128 there from width 512 (256 under bf16), 512 CUDA)")
+                    help=f"tokens per fused-KL chunk; if unset, losses.kl_chunk for the device, width and dtype ({kl_chunk_defaults()})")
 # measurement
 parser.add_argument("--steps", type=positive_int, default=5, help="timed steps")
 parser.add_argument("--warmup", type=nonneg_int, default=2, help="untimed steps first")

@@ -29,6 +29,12 @@ KL_CHUNK_WIDE_CPU_BF16 = 256
 KL_BLOCK = {"cpu": 32}  # rows per elementwise block (_Chunks), by device; on others the whole chunk is one
 
 
+def kl_chunk_defaults():
+    """The default chunks in words, for --help (train.py, bench.py)."""
+    return (f"{KL_CHUNK['cpu']} on CPU, {KL_CHUNK_WIDE_CPU} there from width {WIDE} ({KL_CHUNK_WIDE_CPU_BF16} "
+            f"under bf16), {KL_CHUNK['cuda']} on CUDA")
+
+
 def kl_chunk(device, width=0, dtype=torch.float32):
     """The default chunk size for a device, model width C and matmul dtype."""
     kind = torch.device(device).type

@@ -48,7 +48,7 @@ from checkpoint import (PER_SAE, append_eval_log, check_out_dir, check_resumable
                         restore_rng, save_checkpoint, trim_eval_log)
 from cli import nonempty, nonneg_int
 from files import file_id, lock_run, unlock_run, write_error
-from losses import clean_logprobs, downstream_mse, fused_kl_div, mm_dtype, mse_loss, sparsity_loss
+from losses import clean_logprobs, downstream_mse, fused_kl_div, kl_chunk_defaults, mm_dtype, mse_loss, sparsity_loss
 from sweep import TINYSTORIES_HELP, check_args, check_init, check_model, model_defaults, plan_runs
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -111,7 +111,7 @@ parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto"
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
 parser.add_argument("--compile", action="store_true",
                     help="torch.compile the GPT blocks, the SAE and the KL's elementwise work per chunk")
-parser.add_argument("--kl_chunk", type=int, default=None, help="tokens per chunk of the fused KL (default 64 on CPU, 128 there from width 512 (256 under bf16), 512 on CUDA)")
+parser.add_argument("--kl_chunk", type=int, default=None, help=f"tokens per chunk of the fused KL (default {kl_chunk_defaults()})")
 parser.add_argument("--no_kl_share", action="store_true", help="with several e2e SAEs, recompute the clean side of "
                     "the KL per SAE instead of holding it once (batch_size x ctx x vocab fp32)")
 parser.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many bad steps in a row, each "

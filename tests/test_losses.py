@@ -169,6 +169,14 @@ def test_default_chunk_by_device_width_and_dtype():
         fused_kl_div(h, hc, W, clean=clean_logprobs(hc, W))  # the same default on both sides
 
 
+def test_help_states_the_default_chunks(monkeypatch):
+    """train.py and bench.py --help say the defaults losses uses, derived from its constants."""
+    import losses
+    assert losses.kl_chunk_defaults() == "64 on CPU, 128 there from width 512 (256 under bf16), 512 on CUDA"
+    monkeypatch.setattr(losses, "KL_CHUNK_WIDE_CPU_BF16", 384)
+    assert losses.kl_chunk("cpu", 768, torch.bfloat16) == 384 and "(384 under bf16)" in losses.kl_chunk_defaults()
+
+
 @pytest.mark.parametrize("block", [None, 6])
 def test_cpu_bf16_both_sides_in_one_gemm(block, monkeypatch):
     """On CPU under bf16 a chunk's spliced and clean logits come from one GEMM over both sides' rows. The KL and
