@@ -123,10 +123,13 @@ class _Chunks:
         if out.dtype == self.W.dtype:
             torch.mm(h, self.W.t(), out=out)
         else:
-            z = self.buf("z", (2 if self.cpu_bf16 else 1) * self.n, self.W.dtype)  # one size per name when kept
-            out.copy_(torch.mm(h, self.W.t(), out=z[:h.size(0)]))
+            out.copy_(torch.mm(h, self.W.t(), out=self.z(both=False)[:h.size(0)]))
         out[:, self.V:] = PAD_LOGIT
         return out
+
+    def z(self, both):
+        """The logits buffer z in dt: 2n rows when it holds both sides, and always when kept (one size per name)."""
+        return self.buf("z", 2 * self.n if both or self.cpu_bf16 else self.n, self.W.dtype)
 
     def gemm(self, h, h_clean, i, j):
         """The logits of rows i:j into z: spliced, then clean unless h_clean is None (the clean side shared).
@@ -134,7 +137,7 @@ class _Chunks:
         KL's forward and backward 251 -> 223 ms); oneDNN gives each row the bits it has alone, so a shared
         clean side (clean_logprobs) still gives the same KL bitwise."""
         n = self.rows = j - i
-        z = self.buf("z", 2 * self.n if h_clean is not None or self.cpu_bf16 else self.n, self.W.dtype)
+        z = self.z(both=h_clean is not None)
         if h_clean is None:
             self.logits(h[i:j], z[:n])
         elif self.cpu_bf16:
@@ -142,6 +145,10 @@ class _Chunks:
         else:
             self.logits(h[i:j], z[:n]), self.logits(h_clean[i:j], z[n:2 * n])
         return z
+
+    def blocks(self):
+        """(s, e): the row ranges of the current chunk's elementwise blocks, m rows each, the last one short."""
+        return [(s, min(s + self.m, self.rows)) for s in range(0, self.rows, self.m)]
 
     def log_probs(self, s, e, clean=None):
         """log p and log p_clean of the chunk's rows s:e, fp32 (e − s, V_pad) views, log-softmaxed in place: in
@@ -170,7 +177,7 @@ class _Chunks:
         rows in dt (one rounding, as a cast after), where the gradient GEMM reads them."""
         d = torch.sub(lp.exp_(), pc, out=lp)  # in place: an out= of another dtype would make a temporary
         z = self.bufs["z"]
-        if d.data_ptr() != z[s:e].data_ptr():
+        if z.dtype != torch.float32:  # in fp32, lp is z[s:e] itself (log_probs)
             z[s:e].copy_(d)
 
     def grad(self, out):
@@ -194,9 +201,8 @@ def clean_logprobs(h_clean, W, chunk_size=None, vocab=None):
     fused_kl_div(..., clean=) gives bitwise the same KL and gradient as recomputing it: the same operations
     on the same values (on CPU under bf16 the recomputed clean rows share a GEMM with the spliced ones, and
     get the same bits as alone where the GEMM computes each row on its own, as oneDNN's does)."""
-    C = h_clean.size(-1)
-    chunk_size = chunk_size or kl_chunk(h_clean.device, C, mm_dtype(h_clean))
-    dt = mm_dtype(h_clean)
+    C, dt = h_clean.size(-1), mm_dtype(h_clean)
+    chunk_size = chunk_size or kl_chunk(h_clean.device, C, dt)
     hc_mm, W_mm = h_clean.reshape(-1, C).to(dt), W.to(dt)
     N = hc_mm.size(0)
     bufs = _Chunks(W_mm, vocab or W.size(0), min(chunk_size, N))
@@ -255,8 +261,7 @@ class _FusedKL(torch.autograd.Function):
                 if compiled:  # the chunk in two fused passes; dlogits end up in z's first n rows
                     total += _kl_chunk_compiled()(z[:n], z[n:2 * n] if clean is None else clean[k], clean is None)
                 else:
-                    for s in range(0, n, bufs.m):
-                        e = min(s + bufs.m, n)
+                    for s, e in bufs.blocks():
                         lp, lc = bufs.log_probs(s, e, clean[k] if clean is not None else None)  # (b, V_pad) each
                         kl, pc = bufs.kl_sum(lp, lc, shared=clean is not None)      # Σ pc (lc − lp), pc = p_clean
                         total += kl
@@ -304,8 +309,8 @@ def logit_stats(h, h_clean, W, idx, chunk_size=None, vocab=None):
     vocab as there): kl = Σ over all B·T positions of KL(clean ‖ spliced); ce, ce_clean = Σ over positions
     0..T−2 of the next-token cross-entropy; n_kl, n_ce = the counts. Divide to get means."""
     B, T, C = h.shape
-    chunk_size = chunk_size or kl_chunk(h.device, C, mm_dtype(h))
     dt = mm_dtype(h)
+    chunk_size = chunk_size or kl_chunk(h.device, C, dt)
     W_mm = W.to(dt)
     h_mm, hc_mm = h.reshape(-1, C).to(dt), h_clean.reshape(-1, C).to(dt)
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1).reshape(-1)  # last pos ignored
@@ -315,8 +320,7 @@ def logit_stats(h, h_clean, W, idx, chunk_size=None, vocab=None):
         for i in range(0, B * T, chunk_size):
             j = min(i + chunk_size, B * T)
             bufs.gemm(h_mm, hc_mm, i, j)
-            for s in range(0, j - i, bufs.m):
-                e = min(s + bufs.m, j - i)
+            for s, e in bufs.blocks():
                 lp, lc = bufs.log_probs(s, e)
                 t = targets[i + s:i + e]
                 out["ce"] += F.nll_loss(lp, t, reduction="sum", ignore_index=-100).item()

@@ -192,7 +192,6 @@ def test_cpu_bf16_both_sides_in_one_gemm(block, monkeypatch):
     Wp = _pad(torch.randn(V, C, generator=g) * 0.3).bfloat16()
     h, hc = torch.randn(37, C, generator=g), torch.randn(37, C, generator=g)  # the last chunk has 5 rows
     hb, hcb = h.bfloat16(), hc.bfloat16()
-    import losses
     losses._KEPT.clear()
     rows_alone = True
     for i in range(0, 37, chunk):
@@ -211,7 +210,6 @@ def test_cpu_bf16_both_sides_in_one_gemm(block, monkeypatch):
         assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
     else:
         torch.testing.assert_close(res[0], res[1], rtol=1e-5, atol=1e-7)
-    x = h.clone().requires_grad_(True)
     ref = kl_div(hb.float() @ Wp[:V].float().t(), hcb.float() @ Wp[:V].float().t())  # bf16 operands, fp32 math
     assert res[0][0].item() == pytest.approx(ref.item(), rel=2e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
