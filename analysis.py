@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import torch
 
-from cli import nonempty, nonneg_int, positive_int
+from cli import nonempty, nonneg_int, one_line_errors, positive_int
 
 HIST_BINS = 100  # over [-1, 1]: bins of 0.02
 COLORS = {"local": "tab:blue", "e2e": "tab:red", "e2e_ds": "tab:green"}
@@ -426,7 +426,7 @@ def plot_geometry(res, out):
 def main(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description="The paper's figures and numbers from run folders.", formatter_class=fmt)
-    parser.error = lambda msg: sys.exit(f"analysis.py: error: {msg}")
+    one_line_errors(parser, "analysis.py")
     sub = parser.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("geometry", help="nearest-feature cosines within one SAE, or within and across two", formatter_class=fmt)
     g.add_argument("run_a", type=nonempty, help="SAE A: a run folder, a SAELens folder or an Apollo .pt")

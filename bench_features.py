@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 import features
-from cli import nonempty, nonneg_int, positive_int
+from cli import nonempty, nonneg_int, one_line_errors, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ("the of and to in is was for on that with as by at from it his an were are which this be or had not but "
@@ -151,7 +151,7 @@ def main():
     parser.add_argument("--page_rows", type=positive_int, default=100, help="page: rows per page of the paged index")
     parser.add_argument("--repeat", type=positive_int, default=3,
                         help="runs: collect reports the fastest, page the median")
-    parser.error = lambda msg: sys.exit(f"bench_features.py: error: {msg}")  # one line, no usage dump
+    one_line_errors(parser, "bench_features.py")
     args = parser.parse_args()
     if args.layer >= 12:  # the random GPT-2 small of collect
         parser.error(f"--layer {args.layer} is outside 0..11 (GPT-2 small's 12 layers)")

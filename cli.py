@@ -53,3 +53,46 @@ def run(main, tool):
     except KeyboardInterrupt:
         print(f"{tool}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the description as written, and every flag's default where it has one (a None default: the
+    flag's help says what it means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def first_line(e):
+    """The first line of an exception's message ('' if it has none): errors stay one line."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def one_line_errors(parser, tool):
+    """argparse's errors as one line, `tool: error: ...`, without the usage dump."""
+    def error(msg):
+        raise SystemExit(f"{tool}: error: {msg}")
+    parser.error = error
+    return parser
+
+
+def resolve_device(name):
+    """--device (cpu, cuda, cuda:N or auto) -> the device to use; ValueError in one line for anything else, and for
+    a GPU that is not there."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"--device {name!r} is not one of cpu, cuda, cuda:N, auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} asked for, but no CUDA GPU is available")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA GPU(s), cuda:0.."
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return name
+
+
+def fmt_time(s):
+    """Seconds as 1m05s, or 2h03m from an hour on."""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -8,9 +8,9 @@ Sources: a hub dataset (streamed with `datasets`), or a local .txt / .jsonl / .p
 of them. A pre-tokenised source has an `input_ids` column; a text source has a `text` column (a .txt
 file is one document) and is tokenised with tiktoken's GPT-2 encoding. Documents are joined with EOS
 (no BOS), the stream is cut into rows of ctx tokens and the remainder dropped, as in the paper.
-Every record is checked as it is read: an object with the first record's column, text a string, token ids
-integers in 0..65535 (and, by load_split, inside the model's vocabulary); anything else is a ValueError
-naming the file and its line (.jsonl, from 1) or row (.parquet, from 0), as is a file that is not UTF-8.
+Every record is checked as it is read (token_cache.py): an object with the first record's column, text a
+string, token ids integers in 0..65535 (and, by load_split, inside the model's vocabulary); anything else is a
+ValueError naming the file and its line (.jsonl, from 1) or row (.parquet, from 0), as is a file not UTF-8.
 
 Tokens are written once to a uint16 file in the cache folder (nanoGPT style) and read back as a
 np.memmap (R, ctx); a second run on the same source and ctx reuses it once its length and SHA-1 match
@@ -24,22 +24,10 @@ import os
 
 import numpy as np
 
-from token_cache import read_record, write_cache
+from token_cache import EOT, _documents, _records, read_record, write_cache  # noqa: F401 (EOT is data.EOT too)
 
-EOT = 50256  # GPT-2's <|endoftext|>
 EXTS = (".txt", ".jsonl", ".parquet")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nanosae")
-
-
-def _tokenizer():
-    """tiktoken's GPT-2 encoding; it downloads two vocabulary files once into TIKTOKEN_CACHE_DIR (else a temp
-    folder), so without network it needs a copy of them there: ValueError with one line saying so."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no network: requests' HTTPSConnectionPool(...) message, many lines of it
-        raise ValueError(f"tiktoken could not load its GPT-2 vocabulary ({type(e).__name__}); set TIKTOKEN_CACHE_DIR "
-                         f"to a folder holding a copy of its files (see the README: running without the hub)") from None
 
 
 def _local_files(source):
@@ -51,112 +39,6 @@ def _local_files(source):
     if not source.endswith(EXTS):
         raise ValueError(f"dataset file {source!r} has an unknown type; allowed: {', '.join(EXTS)}")
     return [source]
-
-
-def _not_utf8(path):
-    """The ValueError for a file that is not UTF-8: its first bad line and byte, and what to do."""
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return ValueError(f"{path} line {i} is not UTF-8 text (byte 0x{line[e.start]:02x} at column "
-                                  f"{e.start + 1}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 F > NEW")
-    return ValueError(f"{path} is not UTF-8 text; convert it to UTF-8")
-
-
-def _records(path):
-    """Yield (where, record) from one local file: where names the file and the record's line (.jsonl, from 1)
-    or row (.parquet, from 0), for the one-line errors of _documents."""
-    if path.endswith(".txt"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise _not_utf8(path) from None
-        yield path, {"text": text}
-    elif path.endswith(".jsonl"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            r = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{path} line {i} is not JSON ({e.msg}, column {e.colno})") from None
-                        yield f"{path} line {i}", r
-        except UnicodeDecodeError:
-            raise _not_utf8(path) from None
-    else:
-        import pyarrow.parquet as pq
-        try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-        except Exception as e:  # pyarrow's ArrowInvalid names no file
-            raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0]})") from None
-        row = 0
-        for batch in batches:
-            for r in batch.to_pylist():
-                yield f"{path} row {row}", r
-                row += 1
-
-
-def _kind(v):
-    """What a value is, in JSON's words (the words a .jsonl file's author knows)."""
-    return {dict: "an object", list: "an array", tuple: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _token_ids(ids, where):
-    """ids checked: a list of integer token ids, each inside what the uint16 cache holds (0 <= id < 2^16);
-    ValueError naming where and the first bad id otherwise (a float, a negative id or a boolean would be
-    truncated or wrapped without a word)."""
-    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
-        arr = ids.astype(np.int64)
-    else:
-        if not isinstance(ids, (list, tuple)):
-            raise ValueError(f"{where}: 'input_ids' is {_kind(ids)}; expected a list of integer token ids")
-        bad = next((i for i, t in enumerate(ids) if type(t) is not int), None) \
-            if not set(map(type, ids)) <= {int} else None  # the set: one pass in C for the usual all-int row
-        if bad is not None:
-            raise ValueError(f"{where}: 'input_ids' holds {_kind(ids[bad])} ({ids[bad]!r}) at position {bad}; "
-                             f"expected integer token ids")
-        try:
-            arr = np.asarray(ids, dtype=np.int64)
-        except OverflowError:
-            arr = np.asarray([min(max(t, -1), 2 ** 16) for t in ids], dtype=np.int64)
-    out = np.flatnonzero((arr < 0) | (arr >= 2 ** 16))
-    if out.size:
-        raise ValueError(f"{where}: token id {ids[out[0]]} at position {out[0]} is outside 0..65535 (token ids are "
-                         f"non-negative and the token cache holds them as uint16)")
-    return arr.tolist() if isinstance(ids, np.ndarray) else list(ids)
-
-
-def _documents(records):
-    """(where, token list) per document (EOS appended), from (where, record) pairs: every record an object with
-    the column the first one has, 'input_ids' (a list of token ids) or 'text' (a string). ValueError naming
-    the file and line / row of the first record that is not."""
-    enc, column, first = None, None, None
-    for where, r in records:
-        if not isinstance(r, dict):
-            raise ValueError(f"{where} is {_kind(r)}, not an object with a 'text' or 'input_ids' field")
-        if column is None:
-            column = "input_ids" if "input_ids" in r else "text" if "text" in r else None
-            if column is None:
-                raise ValueError(f"{where} has columns {sorted(r)}; need 'input_ids' or 'text'")
-            first = where
-        if column not in r:
-            other = "text" if column == "input_ids" else "input_ids"
-            raise ValueError(f"{where} has no {column!r} (it has {sorted(r)}), which the first record ({first}) has: "
-                             + ("a source is all text or all token ids, not both" if other in r
-                                else "every record needs it"))
-        if column == "input_ids":
-            yield where, _token_ids(r["input_ids"], where)  # pre-tokenised rows already hold the EOS between documents
-        else:
-            if not isinstance(r["text"], str):
-                raise ValueError(f"{where}: 'text' is {_kind(r['text'])}; expected a string")
-            enc = enc or _tokenizer()
-            yield where, enc.encode_ordinary(r["text"]) + [EOT]
 
 
 def _source_records(source):

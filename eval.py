@@ -52,7 +52,7 @@ import time
 
 import torch
 
-from cli import nonempty, nonneg_int, positive_int
+from cli import nonempty, nonneg_int, one_line_errors, positive_int, resolve_device
 from losses import logit_stats, mm_dtype
 
 
@@ -315,15 +315,14 @@ def main(argv=None):
     # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype for matmuls")
-    parser.error = lambda msg: sys.exit(f"eval.py: error: {msg}")
+    one_line_errors(parser, "eval.py")
     args = parser.parse_args(argv)
     from data import eval_batches
     from files import check_writable, write_error
-    from interop import save_firing, source_format
+    from interop import source_format
+    from sae import save_firing
     try:
-        if args.device != "auto" and not (args.device == "cpu" or args.device.startswith("cuda")):
-            raise ValueError(f"--device {args.device!r} is not one of cpu, cuda, cuda:N, auto")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        device = resolve_device(args.device)
         if args.save_firing and source_format(args.source) != "run":
             raise ValueError(f"--save_firing writes into a run folder and {args.source!r} is not one; "
                              "import it first with interop.py")

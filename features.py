@@ -55,7 +55,7 @@ import time
 import numpy as np
 import torch
 
-from cli import nonempty, nonneg_int, positive_int
+from cli import nonempty, nonneg_int, one_line_errors, positive_int, resolve_device
 
 BINS = 128          # histogram bins per feature; a power of two
 QUANTILES = (0.5, 0.9, 0.99)
@@ -101,7 +101,7 @@ def merge_top(s, rmax, rpos, row_ids, x, sae, offsets):
         idx = (b == r).nonzero().squeeze(1)
         for a in range(0, len(idx), 2048):
             sl, ff = slot[idx[a:a + 2048]], f[idx[a:a + 2048]]
-            c = torch.relu(torch.addmm(sae.encoder.bias[ff], x[r], sae.encoder.weight[ff].T))  # (T, n): row r's c_f
+            c = sae.encode(x[r], ff)                                      # (T, n): row r's c_f
             pos = s["pos"][sl, ff][None, :] + offsets[:, None]               # (W, n)
             act = c.gather(0, pos.clamp(0, T - 1))
             s["win"][sl, ff] = torch.where((pos >= 0) & (pos < T), act, float("nan")).T
@@ -196,7 +196,7 @@ def gather(source, n_tokens=1_000_000, k=20, before=12, after=4, n_logits=10, ba
 
 def vocab(n):
     """Display strings of token ids 0..n-1 (GPT-2's tiktoken encoding; a newline shows as ↵)."""
-    from data import _tokenizer
+    from token_cache import _tokenizer
     enc = _tokenizer()
     return [enc.decode_single_token_bytes(i).decode("utf-8", "replace").replace("\n", "↵")
             if i < enc.n_vocab else f"<{i}>" for i in range(n)]
@@ -334,13 +334,11 @@ def main(argv=None):
     parser.add_argument("--chunk", type=positive_int, default=2 ** 22,
                         help="tokens x features of activations at a time")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.error = lambda msg: sys.exit(f"features.py: error: {msg}")
+    one_line_errors(parser, "features.py")
     args = parser.parse_args(argv)
     from interop import source_format
     try:
-        if args.device != "auto" and not (args.device == "cpu" or args.device.startswith("cuda")):
-            raise ValueError(f"--device {args.device!r} is not one of cpu, cuda, cuda:N, auto")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        device = resolve_device(args.device)
         for src in [args.run] + ([args.compare] if args.compare is not None else []):
             source_format(src)
         if os.path.exists(args.out) and not os.path.isdir(args.out):

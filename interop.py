@@ -38,9 +38,9 @@ import sys
 
 import torch
 
-from cli import nonempty
+from cli import first_line, nonempty, one_line_errors
 from files import check_target, replace_dir, write_bytes, write_error
-from sae import SAE, load_sae, save_sae, save_tensors
+from sae import SAE, load_sae, save_firing, save_sae, save_tensors
 
 APOLLO_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
 TLENS_NAMES = {"gpt2-small": "gpt2", "tiny-stories-1M": "roneneldan/TinyStories-1M"}  # TransformerLens aliases -> ours
@@ -77,12 +77,6 @@ def _json_safe(obj):
 
 # ----------------------------------------------------------------------------- firing frequencies
 
-def save_firing(out_dir, freq, tokens, **meta):
-    """firing.safetensors in out_dir: freq (n_dict,) fp64 and string metadata (tokens, plus meta)."""
-    meta = {k: str(v) for k, v in dict(meta, tokens=tokens).items()}
-    save_tensors({"freq": freq.detach().double().cpu().contiguous()}, os.path.join(out_dir, "firing.safetensors"), meta)
-
-
 def load_firing(path):
     """dict(freq (n_dict,) fp64, tokens int or None, and the other metadata) from a run folder's
     firing.safetensors or a SAELens folder's sparsity.safetensors; None when there is neither."""
@@ -95,7 +89,7 @@ def load_firing(path):
                     meta, t = dict(st.metadata() or {}), st.get_tensor(key).double()
             except Exception as e:  # SafetensorError (a header cut short), no such tensor
                 raise ValueError(f"{f!r} is not a readable firing file ({type(e).__name__}: "
-                                 f"{(str(e).splitlines() or [''])[0]}); move it away to use every feature") from None
+                                 f"{first_line(e)}); move it away to use every feature") from None
             if key == "sparsity":  # log10(freq + EPS); a dead feature reads -10
                 t = (10 ** t - EPS).clamp_min(0)
             tokens = meta.pop("tokens", None)
@@ -271,7 +265,7 @@ def main(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description="Convert SAEs between this project's run folders, Apollo's "
                                      "release and SAELens, and move them to / from the Hugging Face hub.", formatter_class=fmt)
-    parser.error = lambda msg: sys.exit(f"interop.py: error: {msg}")
+    one_line_errors(parser, "interop.py")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for cmd, what, src, out in (("import-apollo", "an Apollo .pt (+ .yaml) -> a run folder",
                                  "an Apollo .pt (its .yaml beside it is read too)", "the run folder to write"),
@@ -332,9 +326,9 @@ def main(argv=None):
     except OSError as e:
         if args.cmd not in ("push", "pull"):
             sys.exit(f"interop.py: error: {write_error(e)}; nothing was written")
-        sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+        sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {first_line(e)})")
     except Exception as e:  # files, hub (offline, no token, unknown repo): one line, not a traceback
-        sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+        sys.exit(f"interop.py: error: {args.cmd} failed ({type(e).__name__}: {first_line(e)})")
 
 
 if __name__ == "__main__":

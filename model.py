@@ -1,6 +1,6 @@
 """
 GPT-2 (and GPT-Neo, e.g. TinyStories-1M), written out by hand, with Hugging Face parameter names and two
-splice points.
+splice points. Reading a checkpoint (config.json, the weights, the hub) is hf_files.py's.
 
     model = GPT.from_pretrained("gpt2")              # hub id, or a local save_pretrained folder
     x = model.forward_to_layer(idx, L)               # (B, T, C) residual entering block L
@@ -8,40 +8,33 @@ splice points.
                                                      # L+1 .. n_layer-1, then the final residual
 An SAE is spliced in by handing forward_from_layer its reconstruction instead of x. No hooks.
 
-Residual centring (on by default): TransformerLens's `center_writing_weights`. Every weight that writes
-into the residual stream (wte, wpe, each attn/mlp c_proj weight and bias) has its mean over the d_model
-axis removed, so every residual vector is mean-zero over d. Every read of the residual goes through a
-LayerNorm, which removes that mean anyway, so the logits do not change; the SAEs of the paper were
-trained on (and the released ones expect) this centred stream. wpe and the c_proj weights are centred
-once at load. wte is also the (uncentred) unembedding, so its looked-up rows are centred instead: the
-same residual, and wte stays tied to lm_head (a centred copy would cost V×d floats, 154 MB for GPT-2 small).
+Residual centring (on by default): TransformerLens's `center_writing_weights`. Every weight that writes into
+the residual stream (wte, wpe, each attn/mlp c_proj weight and bias) has its mean over d_model removed, so every
+residual vector is mean-zero over d. Every read of the residual goes through a LayerNorm, which removes that
+mean anyway, so the logits do not change; the paper's SAEs were trained on (and the released ones expect) this
+centred stream. wpe and the c_proj weights are centred once at load; wte is also the (uncentred) unembedding, so
+its looked-up rows are centred instead: the same residual, wte stays tied to lm_head, and no V×d copy (154 MB
+for GPT-2 small).
 
-GPT-Neo (GPTNeoForCausalLM: roneneldan/TinyStories-1M) is the same network but for three config switches:
-q, k, v without bias (GPT-Neo's separate q_proj / k_proj / v_proj load into c_attn, out_proj into c_proj;
-nn.Linear weights, nothing transposed), no 1/sqrt(d_head) scaling of the attention scores, and every other
-layer (config attention_types) attending locally: query i sees keys j with i - window_size < j <= i. The
-centring is TransformerLens's for GPT-Neo, the same weights as GPT-2's (wte, wpe, out_proj, mlp c_proj).
+GPT-Neo (GPTNeoForCausalLM: roneneldan/TinyStories-1M) is the same network but for three config switches: q, k, v
+without bias (its q_proj / k_proj / v_proj load into c_attn, out_proj into c_proj; nn.Linear weights, nothing
+transposed), no 1/sqrt(d_head) scaling of the attention scores, and every other layer (attention_types)
+attending locally: query i sees keys j with i - window_size < j <= i. Its centring is TransformerLens's for
+GPT-Neo: the same weights as GPT-2's (wte, wpe, out_proj, mlp c_proj).
 """
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_files import BUFFERS, check_weights, count_field as _count, read_config, read_weights
+from hf_files import config_from_hf, hf_names, load_weights, read_config, resolve_checkpoint
 
-MODEL_TYPES = ("gpt2", "gpt_neo")
-TINYSTORIES_1M = "roneneldan/TinyStories-1M"
 VOCAB_PAD = 128  # unembedding(): the vocabulary of the KL GEMMs is padded to a multiple of this
-# on CPU under bf16 autocast, attention that needs a backward runs in fp32 over at most this many positions:
-# forward + backward, torch's bf16 flash kernel took 2.3x as long as fp32 at ctx 128 (AMX), as long at 256, and
-# 0.65x as long at 1024; forward only, bf16 is 2.3-2.6x faster at every length, so no-grad passes keep it
+# CPU bf16 autocast: attention with a backward runs in fp32 up to this length, where torch's bf16 kernel is
+# slower than fp32 (forward + backward; timings in docs/NOTES_model.md)
 CPU_BF16_ATTN_FP32_T = 256
-HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-               "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
 
 class CausalSelfAttention(nn.Module):
@@ -181,11 +174,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def unembedding(self, dtype=None):
         """W_U for the KL and eval GEMMs, (V_pad, C) in dtype (default: lm_head's): lm_head's weight with
-        zero rows appended up to a multiple of VOCAB_PAD, so the (n, V) operands are aligned (on an H100,
-        GPT-2's V = 50,257 gets an sm75 fallback kernel at 95 TFLOP/s in bf16; padded, 600+). Pass
-        vocab=config.vocab_size to the losses, which mask the padded logits. Made once per (dtype, device)
-        and kept: the model is frozen. On CPU in fp32 it is lm_head's weight itself: a copy would cost V×C
-        floats (154 MB for GPT-2 small) for a few % there."""
+        zero rows appended up to a multiple of VOCAB_PAD, so the (n, V) operands are aligned (an unaligned V
+        falls back to a much slower GEMM kernel on an H100: docs/NOTES_model.md). Pass vocab=config.vocab_size
+        to the losses, which mask the padded logits. Made once per (dtype, device) and kept: the model is
+        frozen. On CPU in fp32 it is lm_head's weight itself: a copy would cost V×C floats (154 MB for GPT-2
+        small) for little gain there."""
         W = self.lm_head.weight
         dtype = dtype or W.dtype
         if W.device.type == "cpu" and dtype == W.dtype:
@@ -227,24 +220,17 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, center=True):
         """A GPT-2 or GPT-Neo from a local folder (config.json + model.safetensors or pytorch_model.bin, as
         written by transformers' save_pretrained) or a Hugging Face hub id. Returns the model frozen, in eval mode."""
-        config_file, weights_file = _resolve_checkpoint(name_or_path)
+        config_file, weights_file = resolve_checkpoint(name_or_path)
         hf = read_config(config_file)
-        config = config_from_hf(hf, name_or_path)
+        model = cls(GPTConfig(**config_from_hf(hf, name_or_path)))
         neo = hf["model_type"] == "gpt_neo"
-        model = cls(config)
-        sd_file = read_weights(weights_file)
-        # the hub's gpt2 has no "transformer." prefix; a save_pretrained of GPT2LMHeadModel has it
-        sd_hf = {k.removeprefix("transformer."): v for k, v in sd_file.items()
-                 if not k.endswith(BUFFERS) and k != "lm_head.weight"}
         sd = model.state_dict()
         keys = [k for k in sd if k != "lm_head.weight"]  # lm_head is tied to wte
-        names = {k: hf_names(k.removeprefix("transformer."), neo) for k in keys}
+        names = {k: hf_names(k.removeprefix("transformer."), neo) for k in keys}  # GPT-Neo: c_attn <- q, k, v
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         flip = {k: k.endswith(conv1d) and not neo for k in keys}  # GPT-2's Conv1D: (in, out); nn.Linear: (out, in)
-        shape = {k: tuple(sd[k].shape[::-1] if flip[k] else sd[k].shape) for k in keys}  # as the file holds it
-        want = {n: (shape[k][0] // len(names[k]), *shape[k][1:])  # GPT-Neo's q, k, v: (C, C) each of our (3C, C)
-                for k in keys for n in names[k]}
-        check_weights(sd_hf, want, config.n_layer, f"model {name_or_path!r}", weights_file, sd_file)
+        wanted = {k: (names[k], tuple(sd[k].shape[::-1] if flip[k] else sd[k].shape)) for k in keys}  # as in the file
+        sd_hf = load_weights(weights_file, wanted, model.config.n_layer, f"model {name_or_path!r}")
         with torch.no_grad():
             for k in keys:
                 w = sd_hf[names[k][0]] if len(names[k]) == 1 else torch.cat([sd_hf[n] for n in names[k]])  # (3C, C)
@@ -254,122 +240,3 @@ class GPT(nn.Module):
             model.center_writing_weights()
         model.requires_grad_(False)
         return model.eval()
-
-
-def config_from_hf(hf, name):
-    """GPTConfig from a transformers config.json (GPT2LMHeadModel or GPTNeoForCausalLM); ValueError with one line
-    for a model or an option this file does not implement."""
-    kind = hf.get("model_type")
-    if kind not in MODEL_TYPES:
-        raise ValueError(f"model {name!r} has model_type {kind!r}; supported: {', '.join(map(repr, MODEL_TYPES))}")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"model {name!r} uses activation {hf['activation_function']!r}; only the tanh GELU "
-                         "('gelu_new') is supported")
-    if hf.get("tie_word_embeddings") is False:
-        raise ValueError(f"model {name!r} has an lm_head untied from wte; only tied ones are supported")
-    eps = hf.get("layer_norm_epsilon", 1e-5)
-    if type(eps) not in (int, float) or not 0 < eps < 1:
-        raise ValueError(f"model {name!r}: its config.json has layer_norm_epsilon {eps!r}; expected a number in (0, 1)")
-    if kind == "gpt2":
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError(f"model {name!r} uses attention options this GPT-2 does not implement")
-        d = _count(hf, "n_embd", name)
-        config = GPTConfig(n_positions=_count(hf, "n_positions", name), vocab_size=_count(hf, "vocab_size", name),
-                           n_layer=_count(hf, "n_layer", name), n_head=_count(hf, "n_head", name), n_embd=d,
-                           n_inner=_count(hf, "n_inner", name, 4 * d) if hf.get("n_inner") is not None else 4 * d,
-                           layer_norm_epsilon=eps)
-    else:  # attention_types [[["global", "local"], 4]] -> 4 x (global, local), as transformers expands it
-        types = hf.get("attention_types") or [[["global", "local"], 12]]
-        try:
-            layers = tuple(t for pattern, n in types for _ in range(n) for t in pattern)
-        except (TypeError, ValueError):
-            raise ValueError(f"model {name!r}: its config.json has attention_types {types!r}; expected pairs such "
-                             f"as [[\"global\", \"local\"], 4]") from None
-        bad = next((t for t in layers if t not in ("global", "local")), None)
-        if bad is not None:
-            raise ValueError(f"model {name!r} has attention type {bad!r}; only 'global' and 'local' are supported")
-        n_layer, d = _count(hf, "num_layers", name), _count(hf, "hidden_size", name)
-        if len(layers) != n_layer:
-            raise ValueError(f"model {name!r}: attention_types give {len(layers)} layers, num_layers is {n_layer}")
-        if "local" in layers and (type(hf.get("window_size", 256)) is not int or hf.get("window_size", 256) < 1):
-            raise ValueError(f"model {name!r} has window_size {hf['window_size']!r}; it must be an integer >= 1")
-        config = GPTConfig(n_positions=_count(hf, "max_position_embeddings", name),
-                           vocab_size=_count(hf, "vocab_size", name), n_layer=n_layer,
-                           n_head=_count(hf, "num_heads", name), n_embd=d,
-                           n_inner=_count(hf, "intermediate_size", name, 4 * d) if hf.get("intermediate_size")
-                           is not None else 4 * d,
-                           layer_norm_epsilon=eps, qkv_bias=False, scale_attn=False,
-                           attention_layers=layers, window_size=hf.get("window_size", 256))
-    if config.n_embd % config.n_head:
-        raise ValueError(f"model {name!r}: d_model {config.n_embd} is not a multiple of its {config.n_head} heads")
-    return config
-
-
-def is_tinystories_1m(name_or_path):
-    """TinyStories-1M: its hub id, or a local folder whose config.json is a GPT-Neo of 8 layers with d_model 64.
-    (train.py gives these the paper's TinyStories recipe.) Reads no weights and never goes to the hub."""
-    if name_or_path == TINYSTORIES_1M:
-        return True
-    try:
-        with open(os.path.join(name_or_path, "config.json")) as f:
-            hf = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return hf.get("model_type") == "gpt_neo" and hf.get("num_layers") == 8 and hf.get("hidden_size") == 64
-
-
-def hf_names(k, neo):
-    """The checkpoint's name(s) of our parameter k (no 'transformer.' prefix). GPT-2: k itself. GPT-Neo: its
-    q_proj, k_proj, v_proj make our c_attn, its out_proj is our c_proj; every other name is the same."""
-    if neo and k.endswith("attn.c_attn.weight"):
-        return [k.replace("c_attn", f"attention.{p}_proj") for p in "qkv"]
-    if neo and ".attn.c_proj." in k:
-        return [k.replace("attn.c_proj", "attn.attention.out_proj")]
-    return [k]
-
-
-def _resolve_checkpoint(name_or_path):
-    """(config.json path, weights path) for a local folder or a hub id; downloads only those two files."""
-    if os.path.isdir(name_or_path):
-        files = [os.path.join(name_or_path, f) for f in ("config.json", "model.safetensors", "pytorch_model.bin")]
-        if not os.path.isfile(files[0]):
-            raise ValueError(f"model folder {name_or_path!r} has no config.json")
-        weights = next((f for f in files[1:] if os.path.isfile(f)), None)
-        if weights is None:
-            raise ValueError(f"model folder {name_or_path!r} has neither model.safetensors nor pytorch_model.bin")
-        return files[0], weights
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:  # a path, not a hub id
-        raise ValueError(f"model folder {name_or_path!r} does not exist; give a local folder or a hub id such as 'gpt2'")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    repo = HUB_ALIASES.get(name_or_path, name_or_path)
-    try:
-        config_file = hf_hub_download(repo, "config.json")
-        try:
-            weights = hf_hub_download(repo, "model.safetensors")
-        except EntryNotFoundError:
-            weights = hf_hub_download(repo, "pytorch_model.bin")
-    except Exception as e:  # offline, unknown repo, gated repo: one line, not a traceback
-        raise ValueError(_hub_error(name_or_path, repo, e)) from None
-    return config_file, weights
-
-
-def _hub_error(name, repo, e):
-    """The one line for a failed hub download of model name (hub repo repo), naming the fix."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
-    why = type(e).__name__
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline or isinstance(e, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or "Connect" in why:
-        return (f"model {name!r} is neither a local folder nor a reachable hub repo: the hub cannot be reached "
-                f"({'HF_HUB_OFFLINE is set' if offline else 'offline or no network'}; {why}) and {repo!r} is not in "
-                f"the local cache; pass a local folder as --model instead, made where the hub can be reached with "
-                f"GPT2LMHeadModel.from_pretrained({name!r}).save_pretrained('gpt2-local') (see the README)")
-    if isinstance(e, GatedRepoError):
-        return f"model {name!r}: hub repo {repo!r} is gated; accept its terms on the hub and log in (hf auth login)"
-    if isinstance(e, RepositoryNotFoundError):
-        return (f"model {name!r} is not a local folder and hub repo {repo!r} was not found on the hub ({why}); "
-                f"check the name (e.g. 'gpt2', 'gpt2-medium') or log in if it is private")
-    if isinstance(e, EntryNotFoundError):
-        return f"model {name!r}: hub repo {repo!r} has no config.json or GPT-2 weights ({why})"
-    return f"model {name!r} is neither a local folder nor a reachable hub repo ({why}: {(str(e).splitlines() or [''])[0]})"

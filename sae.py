@@ -10,7 +10,8 @@ for both biases and the encoder; W_d orthogonal (W_d W_dᵀ = I_d). n_dict = dic
 
 On disk an SAE is a folder with `sae.safetensors` (encoder.weight, encoder.bias, decoder.weight,
 decoder.bias) and `sae.json` (d, n_dict, layer, model, center, and the training args), so it can be
-used without its training run:  sae, cfg = load_sae(folder).
+used without its training run:  sae, cfg = load_sae(folder). Beside them, `firing.safetensors` holds each
+feature's firing frequency (save_firing).
 """
 import json
 import os
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import first_line
 from files import write_bytes
 
 
@@ -35,8 +37,11 @@ class SAE(nn.Module):
         """The unit-norm decoder columns D, (d, n_dict), in dtype (default the weight's)."""
         return _UnitColumns.apply(self.decoder.weight, dtype or self.decoder.weight.dtype)
 
-    def encode(self, x):
-        return F.relu(self.encoder(x))  # (..., n_dict)
+    def encode(self, x, features=None):
+        """c = ReLU(W_e x + b_e), (..., n_dict); or only the features given (a LongTensor of indices), (..., len)."""
+        if features is None:
+            return F.relu(self.encoder(x))
+        return F.relu(F.linear(x, self.encoder.weight[features], self.encoder.bias[features]))
 
     def decode(self, c):
         return F.linear(c, self.dict_elements(c.dtype), self.decoder.bias)  # (..., d); D made in c's dtype once
@@ -50,12 +55,11 @@ class _UnitColumns(torch.autograd.Function):
     """D = W s with s = 1/‖W‖_col, (d, n_dict), cast to the matmul's dtype here (one cast, not autocast's).
     Its gradient, with a = Σ_k g_k D_k per column:
         ∂/∂W = s (g − D a) = g s − W (s³ Σ_k g_k W_k)
-    two passes over W where autograd through w * s makes six (768 × 6144, forward + backward: 12.7 -> 7.9 ms
-    in fp32, 14.6 -> 10.3 ms under bf16)."""
+    two passes over W where autograd through w * s makes six (timings: docs/NOTES_model.md)."""
 
     @staticmethod
     def forward(ctx, w, dtype):
-        s = w.pow(2).sum(0, keepdim=True).rsqrt_()  # (1, n_dict); rsqrt of a sum: 2-3x faster than w.norm
+        s = w.pow(2).sum(0, keepdim=True).rsqrt_()  # (1, n_dict); rsqrt of a sum: faster than w.norm
         ctx.save_for_backward(w, s)
         return (w * s).to(dtype)
 
@@ -83,10 +87,18 @@ def save_sae(sae, out_dir, cfg):
     write_bytes(os.path.join(out_dir, "sae.json"), json.dumps(cfg, indent=2).encode())
 
 
+def save_firing(out_dir, freq, tokens, **meta):
+    """firing.safetensors in out_dir, beside the SAE: each feature's firing frequency freq (n_dict,) fp64, and string
+    metadata (tokens, the count it is over, plus meta). interop.load_firing reads it."""
+    meta = {k: str(v) for k, v in dict(meta, tokens=tokens).items()}
+    save_tensors({"freq": freq.detach().double().cpu().contiguous()}, os.path.join(out_dir, "firing.safetensors"), meta)
+
+
 def sae_shapes(d, n_dict):
-    """The shape of every tensor of an SAE of width d with n_dict features."""
-    return {"encoder.weight": (n_dict, d), "encoder.bias": (n_dict,),
-            "decoder.weight": (d, n_dict), "decoder.bias": (d,)}
+    """The shape of every tensor of an SAE of width d with n_dict features, in SAE.parameters() order: the
+    module's own, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in SAE(d, n_dict).named_parameters()}
 
 
 def check_state(state, d, n_dict, where):
@@ -145,7 +157,7 @@ def load_sae(out_dir, device="cpu"):
     try:
         state = load_file(path)
     except Exception as e:  # SafetensorError: a header cut short or overwritten
-        raise ValueError(f"{path!r} is not a valid SAE file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path!r} is not a valid SAE file ({type(e).__name__}: {first_line(e)})") from None
     check_state(state, cfg["d"], cfg["n_dict"], f"{path!r} (sae.json: d {cfg['d']}, n_dict {cfg['n_dict']})")
     sae = SAE(cfg["d"], cfg["n_dict"])
     sae.load_state_dict(state)

@@ -116,7 +116,7 @@ def model_defaults(args, given):
     """The flags not on the command line (not in given) take the TinyStories recipe (TINYSTORIES) when --model is TinyStories-1M;
     for any other model, or with --resume (the checkpoint holds the run's values), nothing changes. A kind with
     no λ in --l1 gets the recipe's; lr and n_samples come from the kinds trained, which must agree."""
-    from model import is_tinystories_1m
+    from hf_files import is_tinystories_1m
     if args.resume or not is_tinystories_1m(args.model):
         return
     for k, v in TINYSTORIES.items():
@@ -222,7 +222,7 @@ def check_model(args, runs, model):
 
 
 def same_model(a, b):
-    from model import HUB_ALIASES
+    from hf_files import HUB_ALIASES
     norm = lambda m: os.path.abspath(m) if os.path.exists(m) else HUB_ALIASES.get(m, m)  # noqa: E731
     return norm(a) == norm(b)
 

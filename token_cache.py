@@ -1,5 +1,7 @@
 """
-The token cache: a source's token rows, tokenised once, as a flat uint16 file (nanoGPT's train.bin) plus a small
+The token cache and the checks of every record written into it.
+
+The cache: a source's token rows, tokenised once, as a flat uint16 file (nanoGPT's train.bin) plus a small
 record of it beside it.
 
     KEY.bin    rows x ctx uint16 tokens, row after row
@@ -9,6 +11,11 @@ A cache is used only when its .bin has the length and SHA-1 its record holds; an
 overwritten .bin, a record torn or written by an earlier version without a checksum) is rebuilt from the
 source, with a note on stderr. Hashing reads the file once per run (about 1.4 GB/s). Both files are written to
 temp files and renamed, and no temp file outlives a failure.
+
+The records: _records reads a local .txt / .jsonl / .parquet file as (where, record) pairs, _documents turns
+records into token lists (EOS appended to text; GPT-2's tiktoken encoding), checking each as it goes: an
+object with the first record's column, text a string, token ids integers in 0..65535. Anything else, or a
+file that is not UTF-8, is a ValueError naming the file and its line (.jsonl, from 1) or row (.parquet, from 0).
 """
 import hashlib
 import json
@@ -17,7 +24,10 @@ import sys
 
 import numpy as np
 
+from cli import first_line
+
 CHUNK = 1 << 24  # bytes hashed at a time when checking
+EOT = 50256  # GPT-2's <|endoftext|>
 
 
 def _sha1_file(path):
@@ -90,3 +100,120 @@ def write_cache(bin_path, documents, source, ctx, n_rows=None):
             if os.path.exists(p):
                 os.remove(p)
     return rows
+
+
+def _tokenizer():
+    """tiktoken's GPT-2 encoding; it downloads two vocabulary files once into TIKTOKEN_CACHE_DIR (else a temp
+    folder), so without network it needs a copy of them there: ValueError with one line saying so."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network: requests' HTTPSConnectionPool(...) message, many lines of it
+        raise ValueError(f"tiktoken could not load its GPT-2 vocabulary ({type(e).__name__}); set TIKTOKEN_CACHE_DIR "
+                         f"to a folder holding a copy of its files (see the README: running without the hub)") from None
+
+
+def _not_utf8(path):
+    """The ValueError for a file that is not UTF-8: its first bad line and byte, and what to do."""
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(f"{path} line {i} is not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                                  f"{e.start + 1}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 F > NEW")
+    return ValueError(f"{path} is not UTF-8 text; convert it to UTF-8")
+
+
+def _records(path):
+    """Yield (where, record) from one local file: where names the file and the record's line (.jsonl, from 1)
+    or row (.parquet, from 0), for the one-line errors of _documents."""
+    if path.endswith(".txt"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+        yield path, {"text": text}
+    elif path.endswith(".jsonl"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            r = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{path} line {i} is not JSON ({e.msg}, column {e.colno})") from None
+                        yield f"{path} line {i}", r
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+    else:
+        import pyarrow.parquet as pq
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        except Exception as e:  # pyarrow's ArrowInvalid names no file
+            raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__}: "
+                             f"{first_line(e)})") from None
+        row = 0
+        for batch in batches:
+            for r in batch.to_pylist():
+                yield f"{path} row {row}", r
+                row += 1
+
+
+def _kind(v):
+    """What a value is, in JSON's words (the words a .jsonl file's author knows)."""
+    return {dict: "an object", list: "an array", tuple: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _token_ids(ids, where):
+    """ids checked: a list of integer token ids, each inside what the uint16 cache holds (0 <= id < 2^16);
+    ValueError naming where and the first bad id otherwise (a float, a negative id or a boolean would be
+    truncated or wrapped without a word)."""
+    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
+        arr = ids.astype(np.int64)
+    else:
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"{where}: 'input_ids' is {_kind(ids)}; expected a list of integer token ids")
+        bad = next((i for i, t in enumerate(ids) if type(t) is not int), None) \
+            if not set(map(type, ids)) <= {int} else None  # the set: one pass in C for the usual all-int row
+        if bad is not None:
+            raise ValueError(f"{where}: 'input_ids' holds {_kind(ids[bad])} ({ids[bad]!r}) at position {bad}; "
+                             f"expected integer token ids")
+        try:
+            arr = np.asarray(ids, dtype=np.int64)
+        except OverflowError:
+            arr = np.asarray([min(max(t, -1), 2 ** 16) for t in ids], dtype=np.int64)
+    out = np.flatnonzero((arr < 0) | (arr >= 2 ** 16))
+    if out.size:
+        raise ValueError(f"{where}: token id {ids[out[0]]} at position {out[0]} is outside 0..65535 (token ids are "
+                         f"non-negative and the token cache holds them as uint16)")
+    return arr.tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
+def _documents(records):
+    """(where, token list) per document (EOS appended), from (where, record) pairs: every record an object with
+    the column the first one has, 'input_ids' (a list of token ids) or 'text' (a string). ValueError naming
+    the file and line / row of the first record that is not."""
+    enc, column, first = None, None, None
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} is {_kind(r)}, not an object with a 'text' or 'input_ids' field")
+        if column is None:
+            column = "input_ids" if "input_ids" in r else "text" if "text" in r else None
+            if column is None:
+                raise ValueError(f"{where} has columns {sorted(r)}; need 'input_ids' or 'text'")
+            first = where
+        if column not in r:
+            other = "text" if column == "input_ids" else "input_ids"
+            raise ValueError(f"{where} has no {column!r} (it has {sorted(r)}), which the first record ({first}) has: "
+                             + ("a source is all text or all token ids, not both" if other in r
+                                else "every record needs it"))
+        if column == "input_ids":
+            yield where, _token_ids(r["input_ids"], where)  # pre-tokenised rows already hold the EOS between documents
+        else:
+            if not isinstance(r["text"], str):
+                raise ValueError(f"{where}: 'text' is {_kind(r['text'])}; expected a string")
+            enc = enc or _tokenizer()
+            yield where, enc.encode_ordinary(r["text"]) + [EOT]

@@ -12,8 +12,7 @@ import torch
 import analysis
 from analysis import bootstrap_diff, front, matching, nearest_cos, unit_rows
 from conftest import ROOT, make_text
-from interop import save_firing
-from sae import SAE, save_sae
+from sae import SAE, save_firing, save_sae
 from test_train import tiny_args
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: threads only contend

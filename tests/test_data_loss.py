@@ -13,8 +13,8 @@ import torch
 import checkpoint
 import interop
 from conftest import ROOT
-from interop import save_firing, write_saelens
-from sae import SAE, load_sae, save_sae
+from interop import write_saelens
+from sae import SAE, load_sae, save_firing, save_sae
 from test_interop import write_apollo
 from test_train import ENV, tiny_args
 

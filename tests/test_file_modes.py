@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from checkpoint import append_eval_log, atomic_save
-from interop import load_firing, save_firing, write_saelens
-from sae import SAE, load_sae, save_sae
+from interop import load_firing, write_saelens
+from sae import SAE, load_sae, save_firing, save_sae
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

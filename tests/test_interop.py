@@ -8,8 +8,8 @@ import yaml
 from safetensors.torch import load_file
 
 import interop
-from interop import (hook_layer, load_any, load_firing, read_apollo, read_saelens, save_firing, write_saelens)
-from sae import SAE, load_sae, save_sae
+from interop import hook_layer, load_any, load_firing, read_apollo, read_saelens, write_saelens
+from sae import SAE, load_sae, save_firing, save_sae
 
 D, N, LAYER = 16, 48, 2
 

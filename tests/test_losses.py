@@ -78,9 +78,9 @@ def test_sparsity_mse_downstream_formulas():
 def test_shared_clean_side_is_bitwise_the_same(chunk, block, monkeypatch):
     """Several SAEs of a sweep share clean_logprobs: the KL and its gradient are those of recomputing it, also
     with several elementwise blocks per chunk (block rows, the last one short)."""
-    import losses
+    import kl_chunks
     if block:
-        monkeypatch.setitem(losses.KL_BLOCK, "cpu", block)
+        monkeypatch.setitem(kl_chunks.KL_BLOCK, "cpu", block)
     g = torch.Generator().manual_seed(3)
     h, hc, W = torch.randn(2, 19, 12, generator=g), torch.randn(2, 19, 12, generator=g), torch.randn(300, 12, generator=g)
     out = []
@@ -106,9 +106,9 @@ def test_padded_vocabulary_gives_the_plain_kl_and_grad(shared, block, monkeypatc
     """Zero rows appended to W_U (aligned GEMMs) change nothing: the padded logits are masked out. fp32 value
     and gradient against the plain formula on the V real logits, to 1e-6 relative; also with elementwise
     blocks of 3 rows in chunks of 8 (and logit_stats)."""
-    import losses
+    import kl_chunks
     if block:
-        monkeypatch.setitem(losses.KL_BLOCK, "cpu", block)
+        monkeypatch.setitem(kl_chunks.KL_BLOCK, "cpu", block)
     g = torch.Generator().manual_seed(4)
     B, T, C, V = 2, 13, 16, 1001  # V odd, padded to 1024
     W = torch.randn(V, C, generator=g) * 0.5
@@ -170,10 +170,12 @@ def test_default_chunk_by_device_width_and_dtype():
 
 
 def test_help_states_the_default_chunks(monkeypatch):
-    """train.py and bench.py --help say the defaults losses uses, derived from its constants."""
+    """train.py and bench.py --help say the defaults losses uses, derived from kl_chunks' constants (and
+    re-exported by losses, where train.py and bench.py import them)."""
+    import kl_chunks
     import losses
     assert losses.kl_chunk_defaults() == "64 on CPU, 128 there from width 512 (256 under bf16), 512 on CUDA"
-    monkeypatch.setattr(losses, "KL_CHUNK_WIDE_CPU_BF16", 384)
+    monkeypatch.setattr(kl_chunks, "KL_CHUNK_WIDE_CPU_BF16", 384)  # looked up there
     assert losses.kl_chunk("cpu", 768, torch.bfloat16) == 384 and "(384 under bf16)" in losses.kl_chunk_defaults()
 
 
@@ -184,15 +186,15 @@ def test_cpu_bf16_both_sides_in_one_gemm(block, monkeypatch):
     GEMM gives a row the bits it has alone (checked here on the same rows), else to rounding; and the plain
     formula's to bf16 accuracy. logit_stats, which shares the code, gives the same KL. Also with elementwise
     blocks of 6 rows in chunks of 16."""
-    import losses
+    import kl_chunks
     if block:
-        monkeypatch.setitem(losses.KL_BLOCK, "cpu", block)
+        monkeypatch.setitem(kl_chunks.KL_BLOCK, "cpu", block)
     g = torch.Generator().manual_seed(8)
     V, C, chunk = 1001, 32, 16
     Wp = _pad(torch.randn(V, C, generator=g) * 0.3).bfloat16()
     h, hc = torch.randn(37, C, generator=g), torch.randn(37, C, generator=g)  # the last chunk has 5 rows
     hb, hcb = h.bfloat16(), hc.bfloat16()
-    losses._KEPT.clear()
+    kl_chunks._KEPT.clear()
     rows_alone = True
     for i in range(0, 37, chunk):
         a, b = hb[i:i + chunk], hcb[i:i + chunk]
@@ -205,7 +207,7 @@ def test_cpu_bf16_both_sides_in_one_gemm(block, monkeypatch):
             kl = fused_kl_div(x, hc, Wp, chunk, clean=clean_logprobs(hc, Wp, chunk, vocab=V) if shared else None, vocab=V)
         kl.backward()
         res.append((kl.detach(), x.grad))
-    assert losses._KEPT["z"].shape == (2 * chunk, Wp.size(0))  # the GEMM's output: both sides' rows
+    assert kl_chunks._KEPT["z"].shape == (2 * chunk, Wp.size(0))  # the GEMM's output: both sides' rows
     if rows_alone:
         assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
     else:
@@ -220,7 +222,7 @@ def test_cpu_bf16_both_sides_in_one_gemm(block, monkeypatch):
 def test_cpu_bf16_buffers_are_kept_between_calls_and_change_nothing():
     """Under bf16 on CPU the KL's chunk buffers outlive the call (no page faults next step): a second call, and
     a call after one of another shape, give bitwise the first call's value and gradient; in fp32 nothing is kept."""
-    import losses
+    import kl_chunks
     torch.manual_seed(0)
     V, C = 300, 16
     W = torch.randn(V, C).bfloat16()
@@ -233,17 +235,17 @@ def test_cpu_bf16_buffers_are_kept_between_calls_and_change_nothing():
         loss.backward()
         return loss.detach(), x.grad
 
-    losses._KEPT.clear()
+    kl_chunks._KEPT.clear()
     first = kl()
-    kept = {k: t.data_ptr() for k, t in losses._KEPT.items()}
+    kept = {k: t.data_ptr() for k, t in kl_chunks._KEPT.items()}
     assert set(kept) == {"z", "lg", "p"}
     second = kl()
-    assert {k: t.data_ptr() for k, t in losses._KEPT.items()} == kept  # the same memory, reused
+    assert {k: t.data_ptr() for k, t in kl_chunks._KEPT.items()} == kept  # the same memory, reused
     kl(n=12, chunk=5)  # another shape replaces them
     third = kl()
     for a, b, c in zip(first, second, third):
         assert torch.equal(a, b) and torch.equal(a, c)
-    losses._KEPT.clear()
+    kl_chunks._KEPT.clear()
     x = h.clone().requires_grad_(True)
     fused_kl_div(x, h_clean, W.float(), 16).backward()
-    assert not losses._KEPT
+    assert not kl_chunks._KEPT

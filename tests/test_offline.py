@@ -8,8 +8,10 @@ import pytest
 import requests
 
 import data
-import model
-from model import GPT, _resolve_checkpoint
+import hf_files
+import token_cache
+from hf_files import resolve_checkpoint
+from model import GPT
 
 
 def http_error(cls, status):
@@ -53,10 +55,10 @@ def test_unreachable_hub_without_offline_flag(monkeypatch):
         "An error happened while trying to locate the file on the Hub and we cannot find the requested files")))
     with pytest.raises(ValueError, match=r"'gpt2' is neither .* cannot be reached \(offline or no network; "
                                          r"LocalEntryNotFoundError\) and 'openai-community/gpt2' .*save_pretrained"):
-        _resolve_checkpoint("gpt2")
+        resolve_checkpoint("gpt2")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(requests.exceptions.ConnectionError("Max retries")))
     with pytest.raises(ValueError, match="cannot be reached .*ConnectionError"):
-        _resolve_checkpoint("gpt2")
+        resolve_checkpoint("gpt2")
 
 
 def test_repo_not_found(monkeypatch):
@@ -64,22 +66,22 @@ def test_repo_not_found(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(http_error(RepositoryNotFoundError, 404)))
     with pytest.raises(ValueError) as e:
-        _resolve_checkpoint("someone/no-such-model")
+        resolve_checkpoint("someone/no-such-model")
     msg = str(e.value)
     assert "'someone/no-such-model'" in msg and "was not found on the hub" in msg and "RepositoryNotFoundError" in msg
     assert "cannot be reached" not in msg and "\n" not in msg
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(http_error(GatedRepoError, 403)))
     with pytest.raises(ValueError, match="'someone/gated' is gated"):
-        _resolve_checkpoint("someone/gated")
+        resolve_checkpoint("someone/gated")
 
 
 def test_local_paths_never_reach_the_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(AssertionError("the hub was asked")))
     with pytest.raises(ValueError, match="does not exist"):
-        _resolve_checkpoint(str(tmp_path / "missing"))
+        resolve_checkpoint(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no config.json"):
-        _resolve_checkpoint(str(tmp_path))
-    assert model.HUB_ALIASES["gpt2"] == "openai-community/gpt2"
+        resolve_checkpoint(str(tmp_path))
+    assert hf_files.HUB_ALIASES["gpt2"] == "openai-community/gpt2"
 
 
 def test_tiktoken_without_network_names_tiktoken_cache_dir(monkeypatch, tmp_path):
@@ -88,7 +90,7 @@ def test_tiktoken_without_network_names_tiktoken_cache_dir(monkeypatch, tmp_path
         "HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max retries exceeded with url: "
         "/gpt-2/encodings/main/vocab.bpe (Caused by NameResolutionError(...))")))
     with pytest.raises(ValueError) as e:
-        data._tokenizer()
+        token_cache._tokenizer()
     msg = str(e.value)
     assert "\n" not in msg and "HTTPSConnectionPool" not in msg
     assert "GPT-2 vocabulary" in msg and "ConnectionError" in msg and "TIKTOKEN_CACHE_DIR" in msg

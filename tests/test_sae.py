@@ -89,3 +89,15 @@ def test_fused_adam_is_the_per_tensor_update():
     for (k, a), b in zip(sae.state_dict().items(), ref.state_dict().values()):
         assert (a - init[k]).abs().max() > 1e-3  # it moved
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_a_feature_subset_and_shapes_from_the_module():
+    from sae import sae_shapes
+    torch.manual_seed(0)
+    sae = SAE(16, 48)
+    x = torch.randn(3, 5, 16)
+    f = torch.tensor([47, 0, 7, 7, 30])
+    assert torch.allclose(sae.encode(x, f), sae.encode(x)[..., f], rtol=1e-6, atol=1e-6)
+    assert sae.encode(x, f).shape == (3, 5, 5)
+    assert sae_shapes(16, 48) == {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    assert list(sae_shapes(16, 48)) == [n for n, _ in sae.named_parameters()]  # the optimizer's order
