@@ -10,8 +10,8 @@ Benchmark training steps of each loss on a randomly initialised GPT-2 (or GPT-Ne
 
 Each (loss, path) runs in a fresh process, so peak memory is its own (CPU: peak RSS; CUDA: max allocated).
 After --warmup steps, --steps optimizer steps are timed. One step = one micro-batch forward + backward,
-grad clip and Adam step, exactly train.py's loss_step. --naive also runs the step the way the reference
-implementation does: a full clean forward to fp32 logits, a second full forward from the embedding with
+grad clip and Adam step, exactly train.py's loss_step. --naive also runs train.reference_loss_step, the way
+the reference implementation does it: a full clean forward to fp32 logits, a second full forward from the embedding with
 the SAE spliced in, full fp32 logits, the plain KL (losses.kl_div), and Adam's per-tensor loop. --n_sae K
 also times one step of a sweep of K SAEs of each loss (λ = 1, 2, 4, ...; train.py's shared passes, then each
 SAE's loss, backward, clip and Adam step), in its own process, and reports its time and peak memory over the
@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from cli import nonempty, nonneg_int, positive_float, positive_int
+from cli import nonempty, nonneg_int, one_line_errors, positive_float, positive_int, resolve_device
 from losses import kl_chunk_defaults
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -69,29 +69,7 @@ parser.add_argument("--profile", type=int, default=0, metavar="K",
                     help="also profile one step after the timed ones and print its top K ops by self time "
                          "(CUDA: kernel time), per (loss, path)")
 parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "loss:fast|naive": one measurement
-parser.error = lambda msg: sys.exit(f"bench.py: error: {msg}")  # one line, no usage dump
-
-
-def naive_loss_step(model, sae, idx, args):
-    """The reference's e2e step: the whole clean model to full fp32 logits, then the whole model again from
-    the tokens with the SAE spliced in, full fp32 logits, and the plain KL on them. Local: as train.py."""
-    from losses import downstream_mse, kl_div, sparsity_loss
-    from train import loss_step, shared_passes
-    if args.loss == "local":
-        return loss_step(model, sae, args, shared_passes(model, idx, [args]))
-    L = args.layer
-    with torch.no_grad():
-        logits_clean, clean = model.forward_from_layer(model.forward_to_layer(idx, L), L)
-        logits_clean = logits_clean.float().clone()
-    x = model.forward_to_layer(idx, L)  # the prefix again
-    x_hat, c = sae(x)
-    logits, resids = model.forward_from_layer(x_hat.float(), L)
-    parts = dict(sparsity=sparsity_loss(c, x.size(-1)), kl=kl_div(logits, logits_clean))
-    loss = args.kl_coeff * parts["kl"] + args.l1 * parts["sparsity"]
-    if args.loss == "e2e_ds":
-        parts["ds"] = downstream_mse(resids[:-1], clean[:-1])
-        loss = loss + args.ds_coeff * parts["ds"]
-    return loss, parts
+one_line_errors(parser, "bench.py")
 
 
 def step_flops(cfg, args, n_dict, n_sae=1):
@@ -135,9 +113,9 @@ def neo_config(args):
 def measure(args, loss, path):
     """One (loss, path) measurement in this process (path: fast, naive or sweep); returns the JSON dict."""
     from model import GPT, GPTConfig
+    from config import sae_flags
     from sae import new_sae
-    from sweep import KL_COEFF
-    from train import adam, loss_step, shared_passes
+    from train import adam, loss_step, reference_loss_step, shared_passes
     device = args.device
     torch.manual_seed(0)
     cfg = neo_config(args) if args.arch == "gpt_neo" else GPTConfig(
@@ -152,9 +130,8 @@ def measure(args, loss, path):
         for sae in saes:
             sae.compile()
     opts = [torch.optim.Adam(sae.parameters(), lr=1e-4) if path == "naive" else adam(sae, 1e-4) for sae in saes]
-    step_args = [argparse.Namespace(loss=loss, layer=args.layer, l1=2.0 ** i, kl_coeff=KL_COEFF.get(loss, 0.0),
-                                    ds_coeff=2.5, kl_chunk=args.kl_chunk, batch_size=args.batch_size, ctx=args.ctx,
-                                    compile=args.compile)
+    step_args = [sae_flags(argparse.Namespace(kl_chunk=args.kl_chunk, batch_size=args.batch_size, ctx=args.ctx,
+                                              compile=args.compile, ds_coeff=2.5), loss, args.layer, 2.0 ** i)
                  for i in range(k)]
     idx = torch.randint(0, cfg.vocab_size, (args.batch_size, args.ctx), device=device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -167,7 +144,7 @@ def measure(args, loss, path):
             shared = None if path == "naive" else shared_passes(model, idx, step_args, not args.no_kl_share)
         for sae, opt, r in zip(saes, opts, step_args):
             with autocast:
-                loss_value, _ = naive_loss_step(model, sae, idx, r) if path == "naive" else \
+                loss_value, _ = reference_loss_step(model, sae, idx, r) if path == "naive" else \
                     loss_step(model, sae, r, shared)
             loss_value.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 10.0)
@@ -209,8 +186,10 @@ def profile_step(step, device, k):
 
 def main():
     args = parser.parse_args()
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        sys.exit(f"bench.py: error: {e}")
     if args.worker:
         loss, path = args.worker.split(":")
         if args.device.startswith("cuda"):
@@ -220,10 +199,6 @@ def main():
         except ValueError as e:
             sys.exit(str(e))  # the parent reports this last line of stderr
         return
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        sys.exit(f"bench.py: error: --device {args.device!r} is not one of cpu, cuda, cuda:N, auto")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"bench.py: error: --device {args.device!r} asked for, but no CUDA GPU is available")
     if not 0 <= args.layer < args.n_layer:
         sys.exit(f"bench.py: error: --layer {args.layer} is outside 0..{args.n_layer - 1}")
     if args.loss in ("e2e_ds", "all") and args.layer == args.n_layer - 1:

@@ -8,19 +8,27 @@ What a training run keeps in its --out_dir, and how it is written and read back.
     eval.jsonl        one JSON line per evaluation, with its step
 
 Every file is written to a temp file and renamed over the old one (files.atomic_write), so a crash or SIGKILL
-at any point leaves the previous version whole. A folder is a run's only if it holds our ckpt.pt: a new run
+at any point leaves the previous version whole. RunFolder (at the end) is a run folder's life in time: the lock,
+the save order, resume, signal and bad-step stops, the final evaluation's fallback. A folder is a run's only if it holds our ckpt.pt: a new run
 refuses one that holds a run's other files without it (they are someone else's), and leaves every other file
 alone; train.py writes ckpt.pt first, so its own files are never without it. A run resumes at the checkpoint's
 step and drops eval lines of that step and later (they are evaluated again), so eval.jsonl equals the one of
 an uninterrupted run.
 """
 import json
+import math
 import os
+import signal
+import sys
+import time
 import warnings
 
 import torch
 
-from files import atomic_write, check_writable
+import ddp
+from cli import first_line
+from files import atomic_write, check_writable, file_id, lock_run, unlock_run
+from sae import save_sae
 
 FORMAT = "nanosae-checkpoint-2"  # -1: one SAE at the top level (still read: load_checkpoint converts it)
 # what must match for a run to resume from its checkpoint (the rest, e.g. --device, --eval_every, may change);
@@ -199,3 +207,168 @@ def append_eval_log(path, record):
             if isinstance(e, OSError):
                 raise OSError(e.errno, e.strerror, path) from None
             raise
+
+
+# ----------------------------------------------------------------------------- a training run's folder, in time
+
+REPORT_GRACE_S = 20  # how long a failed rank > 0 leaves rank 0 to report the same error
+LOCKS = []  # rank 0's lock on --out_dir (files.lock_run), held from set-up to exit
+
+
+def setup_failed(e):
+    """Exit with a set-up error (ValueError, OSError, Ctrl-C) as one line; the lock is released and a folder made
+    for it removed: nothing was written. Another process than rank 0 waits first: the same check fails on rank 0
+    (same arguments), which reports it and ends the job; exiting at once would let torchrun kill rank 0 first."""
+    for lock in LOCKS:
+        unlock_run(lock, tidy=True)
+    if isinstance(e, KeyboardInterrupt):
+        if ddp.MASTER:
+            print("train.py: interrupted during set-up; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    if ddp.MASTER:
+        sys.exit(f"train.py: error: {e}")
+    time.sleep(REPORT_GRACE_S)
+    sys.exit(f"train.py: error (process {ddp.RANK}): {e}")
+
+
+DIVERGE = 1e6  # a loss or SAE weight norm this many times its reference counts as a bad step
+
+
+def guarded_step(s, loss, step, fresh, max_bad, tag):
+    """SAE s's optimizer step (a train.SAERun): clip, then step unless the loss or gradient is non-finite on any
+    process, or the SAE diverges (its loss over DIVERGE x max(1, its first step's), or its weight norm over DIVERGE x
+    its first step's; fresh: take that reference again). Such a step changes nothing and counts towards
+    --max_bad_steps. tag: the start of the SAE's lines (its name in a sweep)."""
+    clip = s.r.grad_clip if s.r.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(s.sae.parameters(), clip)
+    seen = torch.stack([loss.float(), norm.float(), torch.nn.utils.get_total_norm(s.sae.parameters())])
+    loss, norm, w_norm = ddp.mean_(seen).tolist()  # the gradient and weights are already shared; the loss is not
+    nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
+    if not nonfinite and (s.ref is None or fresh):
+        s.ref = [loss, w_norm]
+    diverged = not nonfinite and (loss > DIVERGE * max(1.0, s.ref[0]) or w_norm > DIVERGE * s.ref[1])
+    if not nonfinite and not diverged:
+        s.optimizer.step()
+        s.bad, s.diverged = 0, False
+    else:
+        s.bad += 1
+        if ddp.MASTER and nonfinite:
+            print(f"step {step:5d} | {tag}non-finite loss {loss:.4g} or grad norm {norm:.4g}: skipped "
+                  f"({s.bad} in a row)", flush=True)
+        elif ddp.MASTER and not s.diverged:  # once a streak
+            print(f"step {step:5d} | {tag}warning: diverging (over {DIVERGE:g}x the first step's loss or weight "
+                  f"norm): loss {loss:.4g} (first step {s.ref[0]:.4g}), weight norm {w_norm:.4g} (first step "
+                  f"{s.ref[1]:.4g}); skipped, {max_bad} such steps in a row stop the run", flush=True)
+        s.diverged = s.diverged or diverged
+    s.optimizer.zero_grad(set_to_none=True)
+
+
+class RunFolder:
+    """The life of a training run's --out_dir; every process calls each method, rank 0 alone writes.
+        RunFolder(args, runs, ckpt)   set-up: check the folder and lock it, one train.py per folder
+        resume(saes, device)          the SAEs as the checkpoint holds them, and its step (0: a new run)
+        begin(data, wandb_id)         a new run's ckpt.pt, before any other file; from here SIGTERM / SIGINT only
+                                      ask the loop to stop
+        save(step, finished=False)    ckpt.pt first, then each SAE's sae.safetensors, then ckpt.pt marked finished
+        end_step(step, save)          save when due; stop on a signal (any process) or --max_bad_steps bad steps
+        final_eval(run_eval, step)    the final evaluation; if it fails, save all the same, then one line, exit 1
+    The SAEs (train.SAERun) are read for r, sae, optimizer, fired, bad, ref, diverged and sae_cfg()."""
+
+    def __init__(self, args, runs, ckpt):
+        self.args, self.ckpt, self.path, self.sweep = args, ckpt, os.path.join(args.out_dir, "ckpt.pt"), len(runs) > 1
+        self.saes, self.signals = [], []
+        if ddp.MASTER:
+            check_out_dir(args.out_dir, ckpt_exists=ckpt is not None, run_dirs=[r.out_dir for r in runs])
+            LOCKS.append(lock_run(args.out_dir))  # one train.py per run folder, until this process ends
+            if file_id(self.path) != (ckpt and ckpt["file_id"]):
+                raise ValueError(f"another train.py wrote --out_dir {args.out_dir!r} while this one started; run "
+                                 "the command again")
+
+    def trim_logs(self, runs):
+        """A resumed run's first writes, once every check has passed: eval lines of its step and later go."""
+        if ddp.MASTER and self.ckpt is not None:
+            for r in runs:
+                os.makedirs(r.out_dir, exist_ok=True)
+                trim_eval_log(os.path.join(r.out_dir, "eval.jsonl"), self.ckpt["step"])  # evaluated again
+
+    def resume(self, saes, device):
+        """The step to start at: the checkpoint's, with its SAEs, optimizers, streaks, firing counts and RNG
+        restored into saes; 0 for a new run."""
+        self.saes = saes
+        if self.ckpt is None:
+            return 0
+        for s, saved in zip(saes, self.ckpt["runs"]):
+            s.sae.load_state_dict(saved["sae"])
+            s.optimizer.load_state_dict(saved["optimizer"])
+            s.bad, s.ref, s.diverged = saved["bad_steps"], saved.get("ref"), saved.get("diverged", False)
+            if ddp.MASTER:
+                s.fired.copy_(saved["fired"])  # rank 0 holds the sum over the processes
+        restore_rng(self.ckpt, device)
+        return self.ckpt["step"]
+
+    def begin(self, data, wandb_id):
+        """Right before the first step: a new run's ckpt.pt is written, before any other file; from here SIGTERM and
+        SIGINT only ask the loop to stop (the step finishes, then it saves and exits)."""
+        self.data, self.wandb_id = data, wandb_id
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        if self.ckpt is None:
+            self.save(0)
+
+    def save(self, step, finished=False):
+        """ckpt.pt (resuming at step), then every sae.safetensors; finished: ckpt.pt again, marked so, last."""
+        for s in self.saes:
+            ddp.sum_to_master_(s.fired)
+        if not ddp.MASTER:
+            return
+        state = dict(step=step, args=vars(self.args), data=self.data, wandb_id=self.wandb_id, runs=[dict(
+            {k: getattr(s.r, k) for k in PER_SAE}, name=s.r.name, bad_steps=s.bad, fired=s.fired.cpu(), ref=s.ref,
+            diverged=s.diverged, sae=s.sae.state_dict(), optimizer=s.optimizer.state_dict()) for s in self.saes])
+        save_checkpoint(self.path, finished=False, **state)
+        for s in self.saes:  # after ckpt.pt: an SAE without a checkpoint is not ours
+            save_sae(s.sae, s.r.out_dir, s.sae_cfg())
+        if finished:  # only once every sae.safetensors is final too
+            save_checkpoint(self.path, finished=True, **state)
+
+    def end_step(self, step, save):
+        """After a step (collective): stop on --max_bad_steps bad steps in a row; save if save, or if a signal
+        arrived on any process, and then stop."""
+        stopping = ddp.any_(self.signals)
+        if max(s.bad for s in self.saes) >= self.args.max_bad_steps:
+            self.stop_bad(step)
+        if save or stopping:
+            self.save(step + 1)
+        if stopping:
+            self.stop_by_signal(step)
+
+    def stop_by_signal(self, step):
+        """After the checkpoint: exit 128 + the signal, as a shell does."""
+        signum = self.signals[0] if self.signals else signal.SIGTERM
+        if ddp.MASTER:
+            print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+                  f"{self.args.out_dir}, resume with --resume (or the same command)", flush=True)
+        ddp.leave(128 + signum)
+
+    def stop_bad(self, step):
+        """--max_bad_steps bad steps in a row: save (each SAE is that of its last good step: a skipped step changes
+        nothing) and stop with one line naming the SAE and the steps."""
+        worst = max(self.saes, key=lambda s: s.bad)
+        self.save(step + 1)
+        what, hint = (f"diverging steps in a row (loss or weight norm over {DIVERGE:g}x the first step's, ",
+                      "Start again with a lower --lr") if worst.diverged else \
+            ("non-finite steps in a row (", "Resume with --resume --dtype float32 or a larger --max_bad_steps, or "
+             "start again with a lower --lr")
+        ddp.leave(f"train.py: error: {worst.bad} {what}steps {step - worst.bad + 1}..{step})"
+                  f"{' of ' + worst.r.name if self.sweep else ''}; stopped, the SAE of the last good step is saved in "
+                  f"{worst.r.out_dir}. {hint}")
+
+    def final_eval(self, run_eval, step):
+        """run_eval(True); if it fails, the trained SAEs and checkpoint are saved all the same, then it is reported."""
+        try:
+            run_eval(True)
+        except Exception as e:
+            self.save(step, finished=True)
+            where = self.args.out_dir + "/NAME" if self.sweep else self.saes[0].r.out_dir
+            ddp.leave(f"train.py: error: the final evaluation failed ({type(e).__name__}: {first_line(e)}); the "
+                      f"trained SAE{'s are' if self.sweep else ' is'} saved in {self.args.out_dir}: evaluate with "
+                      f"python eval.py {where}")

@@ -117,7 +117,7 @@ def test_ds_layers_losses_by_hand(tiny_model_dir):
     shared passes keep no clean residual that no SAE reads."""
     from model import GPT
     from sae import SAE
-    from sweep import parse_ds_layers
+    from config import parse_ds_layers
     from train import loss_step, shared_passes
     from losses import downstream_mse, mse_loss
     model = GPT.from_pretrained(tiny_model_dir)
@@ -131,7 +131,7 @@ def test_ds_layers_losses_by_hand(tiny_model_dir):
     for spec, want in (("all", downstream_mse(spliced[:-1], clean[:-1])), ("next", mse_loss(spliced[0], clean[0])),
                        ("last", mse_loss(spliced[1], clean[1])), ("2", mse_loss(spliced[1], clean[1])),
                        ("next:2", downstream_mse(spliced[:2], clean[:2]))):
-        r = argparse.Namespace(loss="e2e_ds", layer=0, l1=1.0, kl_coeff=0.5, ds_coeff=2.5, kl_chunk=None,
+        r = argparse.Namespace(loss="e2e_ds", layer=0, l1=1.0, mse_coeff=0.0, kl_coeff=0.5, ds_coeff=2.5, kl_chunk=None,
                                ds=parse_ds_layers(spec, 0, 3))
         shared = shared_passes(model, idx, [r])
         _, parts = loss_step(model, sae, r, shared)

@@ -389,12 +389,13 @@ def test_sae_cli_one_line(tmp_path):
 
 def _checkpoint(tmp_path, tiny_model_dir, text_file, change):
     """An unfinished ckpt.pt of a tiny run (d 32, 128 features) with change applied to its one SAE's record."""
+    import config
     import train
     from checkpoint import PER_SAE, save_checkpoint
     from sae import SAE
     from test_train import tiny_args
     out = str(tmp_path / "run")
-    args, runs, _, _ = train.parse_args([str(a) for a in tiny_args(tiny_model_dir, text_file, out, "e2e")])
+    args, runs, _, _ = config.resolve(train.parser, [str(a) for a in tiny_args(tiny_model_dir, text_file, out, "e2e")])
     sae = SAE(32, 128)
     opt = torch.optim.Adam(sae.parameters())
     sae(torch.randn(2, 32))[0].sum().backward()

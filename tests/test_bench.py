@@ -1,27 +1,28 @@
 """The fast training step (train.loss_step: prefix once, fused KL) and the reference's way
-(bench.naive_loss_step: two full forwards, full logits, plain KL) give the same loss and gradients."""
+(train.reference_loss_step: two full forwards, full logits, plain KL) give the same loss and gradients."""
 import argparse
 import copy
 
 import pytest
 import torch
 
-from bench import naive_loss_step, step_flops
+from bench import step_flops
+from config import KINDS, sae_flags
 from model import GPT
 from sae import SAE
-from train import loss_step, shared_passes
+from train import loss_step, reference_loss_step, shared_passes
 
 
-@pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
+@pytest.mark.parametrize("loss", list(KINDS))
 def test_fast_and_naive_steps_agree(tiny_model_dir, loss):
     model = GPT.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     sae = SAE(model.config.n_embd, 4 * model.config.n_embd)
     sae_naive = copy.deepcopy(sae)
-    args = argparse.Namespace(loss=loss, layer=1, l1=0.7, kl_coeff=0.5, ds_coeff=2.5, kl_chunk=7)
+    args = sae_flags(argparse.Namespace(kl_chunk=7), loss, 1, 0.7)
     idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(1))
     fast, parts = loss_step(model, sae, args, shared_passes(model, idx, [args]))
-    naive, parts_naive = naive_loss_step(model, sae_naive, idx, args)
+    naive, parts_naive = reference_loss_step(model, sae_naive, idx, args)
     fast.backward()
     naive.backward()
     assert fast.item() == pytest.approx(naive.item(), rel=1e-5)
@@ -48,12 +49,12 @@ def test_short_training_fast_equals_naive(tiny_model_dir):
     torch.manual_seed(0)
     sae = SAE(model.config.n_embd, 4 * model.config.n_embd)
     sae_naive, init = copy.deepcopy(sae), copy.deepcopy(sae)
-    args = argparse.Namespace(loss="e2e_ds", layer=1, l1=0.7, kl_coeff=0.5, ds_coeff=2.5, kl_chunk=None)
+    args = sae_flags(argparse.Namespace(kl_chunk=None), "e2e_ds", 1, 0.7)
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, 50257, (2, 16), generator=g) for _ in range(8)]
     def fast(model, sae, idx, args):
         return loss_step(model, sae, args, shared_passes(model, idx, [args]))
-    for s, fn in ((sae, fast), (sae_naive, naive_loss_step)):
+    for s, fn in ((sae, fast), (sae_naive, reference_loss_step)):
         opt = torch.optim.Adam(s.parameters(), lr=1e-3)
         for idx in batches:
             fn(model, s, idx, args)[0].backward()

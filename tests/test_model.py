@@ -196,7 +196,7 @@ def test_unembedding_is_padded_once_and_cast_frozen_is_bitwise(tiny_model_dir):
     assert model.unembedding(torch.bfloat16) is W  # kept
     torch.manual_seed(0)
     sae = SAE(C, 4 * C)
-    r = argparse.Namespace(loss="e2e_ds", layer=1, l1=1.0, kl_coeff=1.0, ds_coeff=2.5, kl_chunk=16)
+    r = argparse.Namespace(loss="e2e_ds", layer=1, l1=1.0, mse_coeff=0.0, kl_coeff=1.0, ds_coeff=2.5, kl_chunk=16)
     idx = torch.randint(0, V, (2, 24))
     out = []
     for cast in (False, True):

@@ -12,13 +12,14 @@ import torch
 
 from test_train import EVAL_KEYS, run, tiny_args
 
+import config
 import train
 
 TS = "roneneldan/TinyStories-1M"
 
 
 def parsed(*argv):
-    args, runs, _, _ = train.parse_args([str(a) for a in argv] + ["--out_dir", "unused"])
+    args, runs, _, _ = config.resolve(train.parser, [str(a) for a in argv] + ["--out_dir", "unused"])
     return args, [(r.loss, r.layer, r.l1, r.kl_coeff, r.ds_coeff) for r in runs]
 
 
@@ -139,7 +140,7 @@ def test_bench_gpt_neo_shape_fast_equals_naive(neo_model_dir, monkeypatch):
     """bench.py's --arch gpt_neo builds TinyStories-1M's architecture; on the real checkpoint layout the fast step
     and the reference's way agree, at a ctx past the local window."""
     import copy
-    from bench import naive_loss_step, neo_config
+    from bench import neo_config
     from model import GPT
     from sae import SAE
     cfg = neo_config(argparse.Namespace(n_layer=8, n_head=16, n_embd=64, vocab_size=50257, ctx=512, window_size=256))
@@ -148,10 +149,10 @@ def test_bench_gpt_neo_shape_fast_equals_naive(neo_model_dir, monkeypatch):
     torch.manual_seed(0)
     sae = SAE(64, 128)
     sae_naive = copy.deepcopy(sae)
-    args = argparse.Namespace(loss="e2e_ds", layer=4, l1=50.0, kl_coeff=0.5, ds_coeff=1000.0, kl_chunk=None)
+    args = argparse.Namespace(loss="e2e_ds", layer=4, l1=50.0, mse_coeff=0.0, kl_coeff=0.5, ds_coeff=1000.0, kl_chunk=None)
     idx = torch.randint(0, 50257, (1, 300), generator=torch.Generator().manual_seed(1))
     fast, _ = train.loss_step(model, sae, args, train.shared_passes(model, idx, [args]))
-    naive, _ = naive_loss_step(model, sae_naive, idx, args)
+    naive, _ = train.reference_loss_step(model, sae_naive, idx, args)
     fast.backward()
     naive.backward()
     assert fast.item() == pytest.approx(naive.item(), rel=1e-5)

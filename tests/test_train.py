@@ -151,14 +151,19 @@ def test_help_shows_every_default():
     import train
     text = train.parser.format_help()
     flags = [a for a in train.parser._actions if a.help and a.help != "==SUPPRESS==" and a.dest != "help"]
-    assert text.count("(default:") == len(flags)
+    shown = [a for a in flags if a.default is not None]  # None: the help says what it defaults to
+    assert text.count("(default:") == len(shown) and "(default: None)" not in text
+    for a in flags:
+        assert a.default is not None or "default" in a.help or "if unset" in a.help, a.dest
     flat = " ".join(text.split())
     for flag, default in (("--model", "gpt2"), ("--layer", "6"), ("--loss", "e2e_ds"), ("--ctx", "1024"),
                           ("--n_samples", "400000"), ("--dict_ratio", "60.0"), ("--batch_size", "8"), ("--lr", "0.0005")):
         block = flat.split(f" {flag} ")[1].split(" --")[0]
         assert f"(default: {default})" in block, (flag, block)
     p = run("train.py", "--help")
-    assert p.stdout.count("(default:") == len(flags)
+    assert p.stdout.count("(default:") == len(shown)
+    groups = [g.title for g in train.parser._action_groups]
+    assert all(g in groups for g in ("model", "data", "optimisation", "evaluation and logging", "system")), groups
 
 
 def test_local_paths_stored_absolute_and_eval_from_elsewhere(tmp_path, tiny_model_dir, text_file):

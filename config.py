@@ -1,13 +1,16 @@
 """
-The SAEs of a train.py run, and every check of its flags: one SAE, or a sweep of many.
+What a run is: its SAEs, and every flag's value, resolved and checked in one place.
+
+A flag's value comes from the command line, else the --init_from source, else the model's recipe (TinyStories-1M),
+else the paper's table for the SAE's kind and layer (KINDS), else the flag's default; with --resume every flag not
+on the command line takes the run's own (resolve).
 
     --loss local,e2e_ds --layer 2,6 --l1 local=1,4 e2e_ds=10,50   ->  8 SAEs, one Namespace each (plan_runs)
 
-Each SAE's Namespace holds the flags its single run would have (loss, layer, λ, coefficients, the local phase's
-λ), so loss_step, sae.json and eval.py see an ordinary run. Defaults are the paper's: Table 2's "similar CE"
-λ per (kind, layer), β per layer, and the TinyStories-1M recipe for that model (model_defaults). The checks
-raise ValueError with one line naming the bad value: check_args (flags alone), check_model (against the
-model), check_init (an --init_from source against the run).
+Each SAE's Namespace holds the flags its single run would have (kind, layer, λ, the coefficient of each loss term,
+the local phase's λ), so loss_step, sae.json and eval.py see an ordinary run. The checks raise ValueError with
+one line naming the bad value: check_args (flags alone), check_model (against the model), check_init (an
+--init_from source against the run).
 """
 import argparse
 import importlib.util
@@ -16,15 +19,24 @@ import os
 
 import torch
 
-# paper Table 2 ("similar CE increase"): λ per (loss, layer); β (--ds_coeff) per layer. For a layer the
-# paper did not train, the nearest of 2, 6, 10 is used (the lower one on a tie).
-L1_SIMILAR_CE = {("local", 2): 0.8, ("e2e", 2): 0.5, ("e2e_ds", 2): 10.0, ("local", 6): 4.0, ("e2e", 6): 3.0,
-                 ("e2e_ds", 6): 50.0, ("local", 10): 6.0, ("e2e", 10): 1.5, ("e2e_ds", 10): 1.75}
-DS_COEFF = {2: 2.5, 6: 2.5, 10: 0.05}
-KL_COEFF = {"e2e": 1.0, "e2e_ds": 0.5}
-KINDS = ("local", "e2e", "e2e_ds")
+from checkpoint import check_tensors, load_checkpoint
+from cli import resolve_device
+from files import file_id
+from hf_files import HUB_ALIASES, is_tinystories_1m
+from sae import check_fits
+
+# The kinds of SAE: the coefficient of each loss term (loss_step adds the terms whose coefficient is not 0), and
+# λ. A value is a number, or {layer: value} from the paper, read at the nearest of its layers (the lower on a tie):
+# λ is Table 2's "similar CE increase" column, the downstream β the paper's per layer. A new kind is a new row.
+KINDS = {
+    #           MSE at L   KL(clean‖spliced)   downstream MSE (β)               sparsity (λ)
+    "local":  dict(mse=1.0, kl=0.0, ds=0.0,                            l1={2: 0.8, 6: 4.0, 10: 6.0}),
+    "e2e":    dict(mse=0.0, kl=1.0, ds=0.0,                            l1={2: 0.5, 6: 3.0, 10: 1.5}),
+    "e2e_ds": dict(mse=0.0, kl=0.5, ds={2: 2.5, 6: 2.5, 10: 0.05},     l1={2: 10.0, 6: 50.0, 10: 1.75}),
+}
+LOCAL = "local"  # the row of --local_frac's first phase
 # the paper's TinyStories-1M recipe: what a flag not on the command line takes when --model is TinyStories-1M
-# (model.is_tinystories_1m). lr and n_samples are per kind, β (--ds_coeff) 1000 for e2e_ds; the KL coefficients are
+# (hf_files.is_tinystories_1m). lr and n_samples are per kind, β (--ds_coeff) 1000 for e2e_ds; the KL coefficients are
 # the usual 1.0 / 0.5. λ: the paper gives none. local 0.01 and e2e 3 are the reference implementation's own
 # TinyStories-1M configs (layer 4, ratio 50); e2e_ds 50 is our estimate, e2e's 3 times GPT-2's e2e_ds / e2e ratio
 # at layer 6 (50 / 3). Sweep them: --l1 local=0.005,0.01,0.02 e2e=1.5,3,6 e2e_ds=25,50,100.
@@ -32,7 +44,7 @@ TINYSTORIES = dict(dataset="apollo-research/roneneldan-TinyStories-tokenizer-gpt
                    batch_size=20, grad_accum=1, warmup_samples=20_000, grad_clip=1.0)
 TINYSTORIES_PER_KIND = dict(lr=dict(local=1e-2, e2e=1e-3, e2e_ds=1e-3),
                             n_samples=dict(local=400_000, e2e=450_000, e2e_ds=250_000),
-                            l1=dict(local=0.01, e2e=3.0, e2e_ds=50.0))
+                            l1=dict(local=0.01, e2e=3.0, e2e_ds=50.0), ds_coeff=dict(e2e_ds=1000.0))
 TINYSTORIES_HELP = """TinyStories-1M (--model roneneldan/TinyStories-1M, or a local folder whose config.json is a gpt_neo of
 8 layers with d_model 64): every flag not given takes the paper's TinyStories recipe instead of the GPT-2
 defaults above: --dataset apollo-research/roneneldan-TinyStories-tokenizer-gpt2 --ctx 512 --dict_ratio 50
@@ -42,8 +54,86 @@ e2e 3 (the reference implementation's TinyStories configs), e2e_ds 50 (an estima
 ratio at layer 6). A sweep mixing kinds whose recipe --lr or --n_samples differ must give that flag."""
 
 
-def nearest_paper_layer(layer):
-    return min((2, 6, 10), key=lambda l: (abs(l - layer), l))
+def at_layer(value, layer):
+    """A KINDS entry for an SAE at layer: the number, or the paper's value at the nearest of its layers."""
+    return value[min(value, key=lambda l: (abs(l - layer), l))] if isinstance(value, dict) else value
+
+
+def sae_flags(args, kind, layer, l1=None):
+    """The flags of one SAE: args with its kind, layer, λ (default: the kind's), name, and the coefficient of each
+    loss term from its KINDS row (--kl_coeff / --ds_coeff replace a row's value that is not 0)."""
+    row = KINDS[kind]
+    r = argparse.Namespace(**vars(args))
+    r.loss, r.layer, r.l1 = kind, layer, at_layer(row["l1"], layer) if l1 is None else l1
+    r.name = f"{kind}_L{layer}_l{r.l1:g}"
+    r.mse_coeff = at_layer(row["mse"], layer)
+    for term in ("kl", "ds"):
+        given, paper = getattr(args, f"{term}_coeff", None), at_layer(row[term], layer)
+        setattr(r, f"{term}_coeff", 0.0 if paper == 0 else paper if given is None else given)
+    local_l1 = getattr(args, "local_l1", None)
+    r.local_l1 = at_layer(KINDS[LOCAL]["l1"], layer) if local_l1 is None else local_l1
+    return r
+
+
+def local_phase(r):
+    """The flags of --local_frac's first phase: the local row, with λ = --local_l1."""
+    row = KINDS[LOCAL]
+    return argparse.Namespace(**dict(vars(r), loss=LOCAL, l1=r.local_l1, mse_coeff=at_layer(row["mse"], r.layer),
+                                     kl_coeff=at_layer(row["kl"], r.layer), ds_coeff=at_layer(row["ds"], r.layer), ds=[]))
+
+
+def ds_blocks(r, n_layer):
+    """The blocks whose input residual an SAE's downstream MSE compares: r.ds (check_model, from --ds_layers),
+    else every later one if its downstream coefficient is not 0."""
+    return r.ds if hasattr(r, "ds") else list(range(r.layer + 1, n_layer)) if r.ds_coeff else []
+
+
+def uses(kinds, term):
+    """Does any of the kinds have a term (mse, kl, ds) whose coefficient is not 0?"""
+    return any(KINDS[k][term] != 0 for k in kinds)
+
+
+def resolve(parser, argv=None):
+    """(args, runs, the checkpoint in --out_dir or None, the --init_from source's (SAE, cfg) or None): the flags
+    resolved in the order of the module docstring. Local paths (dataset, model, data_dir, init_from) are made
+    absolute, so the run's records work from any directory."""
+    args = parser.parse_args(argv)
+    unset = object()  # argparse leaves a flag that is not on the command line at what the namespace holds
+    given = {k for k, v in vars(parser.parse_args(argv, namespace=argparse.Namespace(
+        **dict.fromkeys(vars(args), unset)))).items() if v is not unset}
+    init, adopted = None, {}
+    if args.init_from is not None and not args.resume:
+        from interop import load_any
+        src, cfg, _ = load_any(args.init_from)
+        init = (src, cfg)
+        adopted = {k: v for k, v in dict(layer=str(cfg["layer"]), dict_ratio=src.n_dict / src.d, model=cfg.get("model"),
+                                         no_center=not cfg["center"]).items() if k not in given and v is not None}
+        vars(args).update(adopted)
+    model_defaults(args, given)
+    vars(args).update(adopted)  # the source's own layer, size and model win over a recipe's defaults
+    if args.out_dir is None:
+        one = len(plan_runs(args)) == 1
+        args.out_dir = os.path.join("out", f"{args.loss}_L{args.layer}" if one else
+                                    f"sweep_{args.loss.replace(',', '-')}_L{args.layer.replace(',', '-')}")
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    seen = file_id(path)
+    ckpt = load_checkpoint(path) if os.path.lexists(path) else None
+    if ckpt is not None:
+        ckpt["file_id"] = seen  # set-up checks, once it holds the folder's lock, that no other run wrote it since
+    if args.resume:
+        if ckpt is None:
+            raise ValueError(f"--resume: --out_dir {args.out_dir!r} holds no checkpoint (ckpt.pt) to resume from")
+        for k, v in ckpt["args"].items():
+            if k not in given and k not in ("out_dir", "resume") and hasattr(args, k):
+                setattr(args, k, v)
+    args.data_dir = os.path.abspath(args.data_dir)
+    for k in ("dataset", "model", "init_from"):  # a path that exists here, not a hub id
+        if getattr(args, k) and os.path.exists(getattr(args, k)):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
+    runs = plan_runs(args)
+    for r in runs:  # one SAE: --out_dir is its run folder; several: each its own subfolder
+        r.out_dir = args.out_dir if len(runs) == 1 else os.path.join(args.out_dir, r.name)
+    return args, runs, ckpt, init
 
 
 def split_list(flag, value, conv):
@@ -86,24 +176,14 @@ def parse_l1(value, losses):
 
 
 def plan_runs(args):
-    """One Namespace per SAE: args with its own loss, layer, l1, kl_coeff, ds_coeff, name and out_dir; the
-    flags a single run of that SAE would have. ValueError (one line) on a bad list."""
-    losses = split_list("--loss", args.loss, str)
-    for loss in losses:
-        if loss not in KINDS:
-            raise ValueError(f"--loss {loss!r} is not one of {', '.join(KINDS)}")
-    layers, l1 = split_list("--layer", args.layer, int), parse_l1(args.l1, losses)
-    runs = []
-    for loss in losses:
-        for layer in layers:
-            for lam in l1[loss] or [L1_SIMILAR_CE[(loss, nearest_paper_layer(layer))]]:
-                r = argparse.Namespace(**vars(args))
-                r.loss, r.layer, r.l1, r.name = loss, layer, lam, f"{loss}_L{layer}_l{lam:g}"
-                r.kl_coeff = 0.0 if loss == "local" else KL_COEFF[loss] if args.kl_coeff is None else args.kl_coeff
-                r.ds_coeff = (DS_COEFF[nearest_paper_layer(layer)] if args.ds_coeff is None else args.ds_coeff) \
-                    if loss == "e2e_ds" else 0.0
-                r.local_l1 = L1_SIMILAR_CE[("local", nearest_paper_layer(layer))] if args.local_l1 is None else args.local_l1
-                runs.append(r)
+    """One Namespace per SAE (sae_flags): every (kind, layer, λ) of the --loss, --layer and --l1 lists.
+    ValueError (one line) on a bad list."""
+    kinds = split_list("--loss", args.loss, str)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"--loss {kind!r} is not one of {', '.join(KINDS)}")
+    layers, l1 = split_list("--layer", args.layer, int), parse_l1(args.l1, kinds)
+    runs = [sae_flags(args, kind, layer, lam) for kind in kinds for layer in layers for lam in l1[kind] or [None]]
     names = [r.name for r in runs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -116,13 +196,15 @@ def model_defaults(args, given):
     """The flags not on the command line (not in given) take the TinyStories recipe (TINYSTORIES) when --model is TinyStories-1M;
     for any other model, or with --resume (the checkpoint holds the run's values), nothing changes. A kind with
     no λ in --l1 gets the recipe's; lr and n_samples come from the kinds trained, which must agree."""
-    from hf_files import is_tinystories_1m
     if args.resume or not is_tinystories_1m(args.model):
         return
     for k, v in TINYSTORIES.items():
         if k not in given:
             setattr(args, k, v)
     kinds = [k for k in split_list("--loss", args.loss, str) if k in KINDS]  # plan_runs names a bad one
+    missing = [k for k in kinds if k not in TINYSTORIES_PER_KIND["lr"]]
+    if missing:
+        raise ValueError(f"--loss {missing[0]} has no TinyStories-1M recipe; give --lr, --n_samples and --l1")
     for k in ("lr", "n_samples"):
         values = {TINYSTORIES_PER_KIND[k][kind] for kind in kinds}
         if k not in given and len(values) > 1:
@@ -131,8 +213,9 @@ def model_defaults(args, given):
                              f"give --{k}, or train one kind per run")
         if k not in given and values:
             setattr(args, k, values.pop())
-    if "e2e_ds" in kinds and args.ds_coeff is None:
-        args.ds_coeff = 1000.0
+    ds = {TINYSTORIES_PER_KIND["ds_coeff"][k] for k in kinds if k in TINYSTORIES_PER_KIND["ds_coeff"]}
+    if ds and args.ds_coeff is None:
+        args.ds_coeff = ds.pop()
     tokens = [str(t) for t in args.l1 or []]
     if all("=" in t for t in tokens):  # none given, or KIND=LIST tokens: the kinds left out get the recipe's λ
         named = {t.split("=", 1)[0] for t in tokens}
@@ -175,8 +258,8 @@ def check_args(args, runs):
     if args.lr == 0 or args.dict_ratio == 0:
         raise ValueError(f"--lr and --dict_ratio must be > 0, got {args.lr} and {args.dict_ratio}")
     kinds = {r.loss for r in runs}
-    for k, used in (("kl_coeff", kinds - {"local"}), ("ds_coeff", kinds & {"e2e_ds"})):
-        if not used and (getattr(args, k) or 0) > 0:
+    for k in ("kl_coeff", "ds_coeff"):
+        if not uses(kinds, k[:2]) and (getattr(args, k) or 0) > 0:
             raise ValueError(f"--{k} {getattr(args, k)} has no effect with --loss {args.loss}; leave it out")
     if not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
@@ -184,34 +267,34 @@ def check_args(args, runs):
         raise ValueError(f"--local_frac must be in [0, 1], got {args.local_frac}")
     if args.local_l1 is not None and not 0 <= args.local_l1 < math.inf:
         raise ValueError(f"--local_l1 must be a number >= 0, got {args.local_l1}")
-    for flag, value, useless in (("local_frac", args.local_frac, kinds == {"local"}),
-                                 ("local_l1", args.local_l1, args.local_frac == 0 or kinds == {"local"}),
-                                 ("ds_layers", None if args.ds_layers == "all" else args.ds_layers, "e2e_ds" not in kinds)):
+    all_local = kinds == {LOCAL}
+    for flag, value, useless in (("local_frac", args.local_frac, all_local),
+                                 ("local_l1", args.local_l1, args.local_frac == 0 or all_local),
+                                 ("ds_layers", None if args.ds_layers == "all" else args.ds_layers, not uses(kinds, "ds"))):
         if useless and value:
             raise ValueError(f"--{flag} {value} has no effect with --loss {args.loss}"
-                             f"{' and --local_frac 0' if flag == 'local_l1' and kinds != {'local'} else ''}; leave it out")
+                             f"{' and --local_frac 0' if flag == 'local_l1' and not all_local else ''}; leave it out")
     if args.ctx < 2:
         raise ValueError(f"--ctx must be >= 2, got {args.ctx}: the evaluation's cross-entropy predicts each next token "
                          "of a row, so a row needs at least 2")
     if args.n_samples < args.batch_size * args.grad_accum:
         raise ValueError(f"--n_samples {args.n_samples} is less than one step of {args.batch_size * args.grad_accum} samples")
-    if args.device != "auto" and not (args.device == "cpu" or args.device.startswith("cuda")):
-        raise ValueError(f"--device {args.device!r} is not one of cpu, cuda, cuda:N, auto")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r} asked for, but no CUDA GPU is available")
+    resolve_device(args.device)  # a bad one is refused before the folder is touched
     if args.wandb and importlib.util.find_spec("wandb") is None:
         raise ValueError("--wandb needs the wandb package (pip install wandb)")
 
 
-def check_model(args, runs, model):
-    """The flags that depend on the model, and the model itself: ValueError with a one-line message."""
+def check_model(args, runs, model, ckpt=None, init=None, device="cpu"):
+    """The flags that depend on the model, the model itself, a checkpoint's tensors (they fit this model and
+    --dict_ratio), an --init_from source (check_init), and whether the SAEs fit the device's memory: ValueError
+    with a one-line message."""
     n_layer, C = model.config.n_layer, model.config.n_embd
     for r in runs:
         if not 0 <= r.layer < n_layer:
             raise ValueError(f"--layer {r.layer} is outside 0..{n_layer - 1} for this {n_layer}-layer model")
-        if r.loss == "e2e_ds" and r.layer == n_layer - 1:
-            raise ValueError(f"--loss e2e_ds at --layer {r.layer} has no later layer; use e2e or a lower layer")
-        r.ds = parse_ds_layers(args.ds_layers, r.layer, n_layer) if r.loss == "e2e_ds" else []
+        if r.ds_coeff and r.layer == n_layer - 1:
+            raise ValueError(f"--loss {r.loss} at --layer {r.layer} has no later layer; use e2e or a lower layer")
+        r.ds = parse_ds_layers(args.ds_layers, r.layer, n_layer) if r.ds_coeff else []
     if args.ctx > model.config.n_positions:
         raise ValueError(f"--ctx {args.ctx} is above the model's context of {model.config.n_positions}")
     if int(args.dict_ratio * C) < 1:
@@ -219,10 +302,14 @@ def check_model(args, runs, model):
     bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad:
         raise ValueError(f"model {args.model!r} has non-finite weights ({bad})")
+    if ckpt is not None:
+        check_tensors(ckpt, os.path.join(args.out_dir, "ckpt.pt"), C, int(args.dict_ratio * C))
+    if init is not None:
+        check_init(init, args, runs, model)
+    check_fits(C, int(args.dict_ratio * C), device, k=len(runs), what=f"--dict_ratio {args.dict_ratio:g}")
 
 
 def same_model(a, b):
-    from hf_files import HUB_ALIASES
     norm = lambda m: os.path.abspath(m) if os.path.exists(m) else HUB_ALIASES.get(m, m)  # noqa: E731
     return norm(a) == norm(b)
 
