@@ -135,17 +135,16 @@ def loss_step(model, sae, r, shared, fired=None):
     x = shared["resid"][L]                                               # (B, T, C)
     x_hat, c = sae(x)
     parts = dict(sparsity=sparsity_loss(c, x.size(-1)))
-    loss = r.l1 * parts["sparsity"]
     if r.mse_coeff:
         parts["mse"] = mse_loss(x_hat, x)
-        loss = parts["mse"] * r.mse_coeff + loss
     if r.kl_coeff or r.ds_coeff:
         _, resids = model.forward_from_layer(x_hat.float(), L, logits=False)   # inputs of blocks L+1.., final
     if r.kl_coeff:
         W_U = model.unembedding(mm_dtype(x))                              # (V_pad, C), aligned GEMMs
         parts["kl"] = fused_kl_div(ln_f(resids[-1]), shared["h_clean"], W_U, r.kl_chunk, clean=shared["clean"],
                                    vocab=model.config.vocab_size, compiled=getattr(r, "compile", False))
-        loss = r.kl_coeff * parts["kl"] + loss
+    loss = sum(coeff * parts[k] for k, coeff in (("mse", r.mse_coeff), ("kl", r.kl_coeff)) if coeff) \
+        + r.l1 * parts["sparsity"]
     if r.ds_coeff:
         ds = config.ds_blocks(r, model.config.n_layer)
         parts["ds"] = downstream_mse([resids[k - L - 1] for k in ds], [shared["resid"][k] for k in ds])
