@@ -15,9 +15,11 @@ alone; train.py writes ckpt.pt first, so its own files are never without it. A r
 step and drops eval lines of that step and later (they are evaluated again), so eval.jsonl equals the one of
 an uninterrupted run.
 """
+import copy
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -27,7 +29,7 @@ import torch
 
 import ddp
 from cli import first_line
-from files import atomic_write, check_writable, file_id, lock_run, unlock_run
+from files import atomic_write, check_writable, file_id, lock_run, unlock_run, write_error
 from sae import save_sae
 
 FORMAT = "nanosae-checkpoint-2"  # -1: one SAE at the top level (still read: load_checkpoint converts it)
@@ -89,14 +91,52 @@ def load_checkpoint(path):
     if not ok:
         raise ValueError(f"{path!r} is not a readable nanoSAE checkpoint ({why}); move it away or choose "
                          "another --out_dir")
-    if ckpt["format"] == "nanosae-checkpoint-1":
-        a = ckpt["args"]
-        one = dict({k: a[k] for k in PER_SAE}, name=f"{a['loss']}_L{a['layer']}_l{a['l1']:g}",
-                   **{k: ckpt.pop(k) for k in ("sae", "optimizer", "fired", "bad_steps")})
-        ckpt.update(format=FORMAT, runs=[one])
-    if "args" in ckpt:
-        ckpt["args"] = _absolute(ckpt["args"])
+    try:
+        if ckpt["format"] == "nanosae-checkpoint-1":
+            a = ckpt["args"]
+            one = dict({k: a[k] for k in PER_SAE}, name=f"{a['loss']}_L{a['layer']}_l{a['l1']:g}",
+                       **{k: ckpt.pop(k) for k in ("sae", "optimizer", "fired", "bad_steps")})
+            ckpt.update(format=FORMAT, runs=[one])
+        why = _bad_field(ckpt)
+    except (KeyError, TypeError, ValueError) as e:
+        why = f"{type(e).__name__}: {first_line(e)}"
+    if why:
+        raise ValueError(f"{path!r} is a damaged nanoSAE checkpoint: {why}; move it away or choose another --out_dir")
+    ckpt["args"] = _absolute(ckpt["args"])
     return ckpt
+
+
+def _is_int(v, lo=0):
+    return type(v) is int and v >= lo
+
+
+def _bad_field(ckpt):
+    """What is wrong with a checkpoint's fields, in a few words, or None: the types train.py wrote."""
+    rng_size = torch.get_rng_state().numel()
+    checks = [
+        ("step", lambda v: _is_int(v), "an integer >= 0"), ("finished", lambda v: type(v) is bool, "true or false"),
+        ("args", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of flags"),
+        ("data", lambda v: isinstance(v, dict) and _is_int(v.get("rows")) and isinstance(v.get("fingerprint"), str),
+         "dict(rows, fingerprint)"),
+        ("rng", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.numel() == rng_size,
+         f"torch's RNG state ({rng_size} bytes)"),
+        ("cuda_rng", lambda v: v is None or isinstance(v, torch.Tensor) and v.dtype == torch.uint8, "a CUDA RNG state"),
+        ("runs", lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(r, dict) for r in v),
+         "a non-empty list of SAEs")]
+    for key, ok, want in checks:
+        if key not in ckpt or not ok(ckpt[key]):
+            return f"its {key} is {'missing' if key not in ckpt else repr(ckpt[key])[:60]}, not {want}"
+    per_sae = [("name", lambda v: isinstance(v, str)), ("bad_steps", _is_int), ("sae", lambda v: isinstance(v, dict)),
+               ("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("state", {}), dict)),
+               ("loss", lambda v: isinstance(v, str)), ("layer", _is_int),
+               *((k, lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0) for k in PER_SAE[2:])]
+    for i, r in enumerate(ckpt["runs"]):
+        bad = next((k for k, ok in per_sae if k not in r or not ok(r[k])), None)
+        if bad:
+            return f"SAE {i}'s {bad} is {'missing' if bad not in r else repr(r[bad])[:60]}"
+    names = [r["name"] for r in ckpt["runs"]]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    return f"the SAE {dup} is in it twice" if dup else None
 
 
 def check_resumable(ckpt, args, runs, data):
@@ -105,12 +145,16 @@ def check_resumable(ckpt, args, runs, data):
     where = f"--out_dir {args.out_dir!r}"
     if ckpt["finished"]:
         raise ValueError(f"{where} holds a finished run ({ckpt['step']} steps); choose another --out_dir")
+    steps = args.n_samples // (args.batch_size * args.grad_accum)
+    if ckpt["step"] > steps:
+        raise ValueError(f"{where} holds a checkpoint at step {ckpt['step']}, past the run's {steps} steps; it is "
+                         "damaged: move it away or choose another --out_dir")
     for k in RESUME_KEYS:
         if ckpt["args"].get(k) != getattr(args, k):
             raise ValueError(f"{where} holds a run with --{k} {ckpt['args'].get(k)!r}, not {getattr(args, k)!r}; "
                              "resume with the same value (or just --resume) or choose another --out_dir")
     saved, now = [r["name"] for r in ckpt["runs"]], [r.name for r in runs]
-    if saved != now and len(runs) > 1:  # one SAE: the flag that differs is named below
+    if saved != now and (len(saved) > 1 or len(now) > 1):  # one SAE each: the flag that differs is named below
         raise ValueError(f"{where} holds a run of the SAEs {', '.join(saved)}, not {', '.join(now)}; resume with "
                          "the same --loss, --layer and --l1 lists (or just --resume) or choose another --out_dir")
     for a, r in zip(ckpt["runs"], runs):
@@ -119,6 +163,9 @@ def check_resumable(ckpt, args, runs, data):
                 raise ValueError(f"{where} holds a run with --{k} {a[k]!r}, not {getattr(r, k)!r}"
                                  f"{' for ' + r.name if len(runs) > 1 else ''}; resume with the same value (or just "
                                  "--resume) or choose another --out_dir")
+    if saved != now:  # the same flags but another name: never, unless the file was edited
+        raise ValueError(f"{where} holds a run of the SAE {', '.join(saved)}, not {', '.join(now)}; resume with "
+                         "the same flags (or just --resume) or choose another --out_dir")
     if data is not None and ckpt["data"] != data:
         raise ValueError(f"dataset {args.dataset!r} is not the one of the run in {where} ({data['rows']} rows, "
                          f"fingerprint {data['fingerprint']}; the run had {ckpt['data']['rows']} rows, "
@@ -150,6 +197,9 @@ def check_out_dir(out_dir, ckpt_exists, run_dirs=()):
     file a run writes (RUN_FILES: another program's, or a run whose ckpt.pt is gone); with one, their
     eval.jsonl must read. Nothing is written, and other files are never touched."""
     for d in dict.fromkeys([out_dir, *run_dirs]):
+        if os.path.islink(d) and not os.path.exists(d):
+            raise ValueError(f"--out_dir {d!r} is a symbolic link to {os.readlink(d)!r}, which does not exist; make "
+                             "that folder or choose another --out_dir")
         if os.path.exists(d) and not os.path.isdir(d):
             raise ValueError(f"--out_dir {d!r} is a file, not a folder")
     for d in dict.fromkeys(run_dirs or [out_dir]):
@@ -169,8 +219,12 @@ def read_eval_log(path):
     a JSON object, no newline after it) is dropped."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path!r} is not UTF-8 text, so not an eval.jsonl of train.py; move the file away or "
+                         "choose another --out_dir") from None
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -215,16 +269,37 @@ REPORT_GRACE_S = 20  # how long a failed rank > 0 leaves rank 0 to report the sa
 LOCKS = []  # rank 0's lock on --out_dir (files.lock_run), held from set-up to exit
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during set-up (setup_signals)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def setup_signals():
+    """Until RunFolder.begin: SIGINT and SIGTERM raise Interrupted, so set-up ends in setup_failed's one line."""
+    def stop(signum, frame):
+        raise Interrupted(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
 def setup_failed(e):
-    """Exit with a set-up error (ValueError, OSError, Ctrl-C) as one line; the lock is released and a folder made
-    for it removed: nothing was written. Another process than rank 0 waits first: the same check fails on rank 0
-    (same arguments), which reports it and ends the job; exiting at once would let torchrun kill rank 0 first."""
+    """Exit with a set-up error (ValueError, OSError, SIGINT / SIGTERM) as one line; the lock is released and a
+    folder made for it removed: nothing was written. Another process than rank 0 waits first: the same check fails
+    on rank 0 (same arguments), which reports it and ends the job; exiting at once would let torchrun kill rank 0
+    first."""
     for lock in LOCKS:
         unlock_run(lock, tidy=True)
     if isinstance(e, KeyboardInterrupt):
+        signum = getattr(e, "signum", signal.SIGINT)
         if ddp.MASTER:
-            print("train.py: interrupted during set-up; nothing was written", file=sys.stderr)
-        sys.exit(130)
+            print(f"train.py: interrupted during set-up ({signal.Signals(signum).name}); nothing was written",
+                  file=sys.stderr)
+        sys.exit(128 + signum)
+    if isinstance(e, OSError):
+        e = write_error(e)
     if ddp.MASTER:
         sys.exit(f"train.py: error: {e}")
     time.sleep(REPORT_GRACE_S)
@@ -234,21 +309,40 @@ def setup_failed(e):
 DIVERGE = 1e6  # a loss or SAE weight norm this many times its reference counts as a bad step
 
 
+def adam_step_bound(optimizer, n):
+    """An upper bound on the norm of one Adam step of n parameters: lr · √n · max |m̂ / √v̂|, where by Cauchy-Schwarz
+        |m̂_t / √v̂_t| <= (1 − β1) / (√(1 − β2) · √(1 − β1² / β2))    (7.3 for the default betas; any t, gradients)."""
+    g = optimizer.param_groups[0]
+    b1, b2 = g["betas"]
+    return g["lr"] * math.sqrt(n) * (1 - b1) / math.sqrt((1 - b2) * (1 - b1 ** 2 / b2))
+
+
 def guarded_step(s, loss, step, fresh, max_bad, tag):
     """SAE s's optimizer step (a train.SAERun): clip, then step unless the loss or gradient is non-finite on any
-    process, or the SAE diverges (its loss over DIVERGE x max(1, its first step's), or its weight norm over DIVERGE x
-    its first step's; fresh: take that reference again). Such a step changes nothing and counts towards
-    --max_bad_steps. tag: the start of the SAE's lines (its name in a sweep)."""
+    process, or the SAE diverges: its loss over DIVERGE x max(1, its first step's), or its weight norm after the step
+    over DIVERGE x its first step's (fresh: take that reference again). A bad step changes nothing (one that could
+    reach that norm, by adam_step_bound, is undone from a copy) and counts towards --max_bad_steps. tag: the start
+    of the SAE's lines (its name in a sweep)."""
     clip = s.r.grad_clip if s.r.grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(s.sae.parameters(), clip)
-    seen = torch.stack([loss.float(), norm.float(), torch.nn.utils.get_total_norm(s.sae.parameters())])
+    params = list(s.sae.parameters())
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    seen = torch.stack([loss.float(), norm.float(), torch.nn.utils.get_total_norm(params)])
     loss, norm, w_norm = ddp.mean_(seen).tolist()  # the gradient and weights are already shared; the loss is not
     nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
     if not nonfinite and (s.ref is None or fresh):
         s.ref = [loss, w_norm]
     diverged = not nonfinite and (loss > DIVERGE * max(1.0, s.ref[0]) or w_norm > DIVERGE * s.ref[1])
     if not nonfinite and not diverged:
+        risky = w_norm + adam_step_bound(s.optimizer, sum(p.numel() for p in params)) > DIVERGE * s.ref[1]
+        undo = ([p.detach().clone() for p in params], copy.deepcopy(s.optimizer.state_dict())) if risky else None
         s.optimizer.step()
+        if risky:  # the same weights on every process: the same verdict
+            w_norm = torch.nn.utils.get_total_norm(params).item()
+            diverged = not w_norm <= DIVERGE * s.ref[1]
+            if diverged:
+                torch._foreach_copy_([p.detach() for p in params], undo[0])
+                s.optimizer.load_state_dict(undo[1])
+    if not nonfinite and not diverged:
         s.bad, s.diverged = 0, False
     else:
         s.bad += 1
@@ -284,12 +378,21 @@ class RunFolder:
                 raise ValueError(f"another train.py wrote --out_dir {args.out_dir!r} while this one started; run "
                                  "the command again")
 
-    def trim_logs(self, runs):
-        """A resumed run's first writes, once every check has passed: eval lines of its step and later go."""
-        if ddp.MASTER and self.ckpt is not None:
+    def prepare(self, runs):
+        """The run's first writes, once every check has passed: the temp files of its own files that a killed save
+        left behind go (files.atomic_write's NAME.XXXXXXXX.tmp), and a resumed run's eval lines of its step and
+        later (they are evaluated again)."""
+        if not ddp.MASTER:
+            return
+        own = re.compile("^(" + "|".join(map(re.escape, ("ckpt.pt", *RUN_FILES))) + r")\.[0-9a-f]{8}\.tmp$")
+        for d in dict.fromkeys([self.args.out_dir, *(r.out_dir for r in runs)]):
+            for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+                if own.match(f) and os.path.isfile(os.path.join(d, f)):
+                    os.remove(os.path.join(d, f))
+        if self.ckpt is not None:
             for r in runs:
                 os.makedirs(r.out_dir, exist_ok=True)
-                trim_eval_log(os.path.join(r.out_dir, "eval.jsonl"), self.ckpt["step"])  # evaluated again
+                trim_eval_log(os.path.join(r.out_dir, "eval.jsonl"), self.ckpt["step"])
 
     def resume(self, saes, device):
         """The step to start at: the checkpoint's, with its SAEs, optimizers, streaks, firing counts and RNG

@@ -123,8 +123,12 @@ def resolve(parser, argv=None):
     if args.resume:
         if ckpt is None:
             raise ValueError(f"--resume: --out_dir {args.out_dir!r} holds no checkpoint (ckpt.pt) to resume from")
+        actions = {a.dest: a for a in parser._actions}
         for k, v in ckpt["args"].items():
-            if k not in given and k not in ("out_dir", "resume") and hasattr(args, k):
+            if k not in given and k not in ("out_dir", "resume") and k in actions:
+                if not stored_value_ok(actions[k], v):
+                    raise ValueError(f"{path!r} holds --{k} {v!r}, not a value of that flag; the checkpoint is "
+                                     "damaged: move it away or choose another --out_dir")
                 setattr(args, k, v)
     args.data_dir = os.path.abspath(args.data_dir)
     for k in ("dataset", "model", "init_from"):  # a path that exists here, not a hub id
@@ -134,6 +138,22 @@ def resolve(parser, argv=None):
     for r in runs:  # one SAE: --out_dir is its run folder; several: each its own subfolder
         r.out_dir = args.out_dir if len(runs) == 1 else os.path.join(args.out_dir, r.name)
     return args, runs, ckpt, init
+
+
+def stored_value_ok(action, v):
+    """Is v, read from a checkpoint's args, a value the flag of this argparse action can take?"""
+    if v is None or isinstance(action, argparse._StoreTrueAction):
+        return v is None and action.default is None or type(v) is bool and action.default is False
+    if action.nargs == "+":
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if action.choices is not None:
+        return v in action.choices
+    conv = action.type or str
+    if conv is float:
+        return type(v) in (int, float)
+    if conv is str or getattr(conv, "__name__", "") == "nonempty":
+        return isinstance(v, str) and bool(v.strip())
+    return type(v) is int  # int and the integer types of cli.py
 
 
 def split_list(flag, value, conv):
@@ -251,10 +271,16 @@ def check_args(args, runs):
     for name in ("warmup_samples", "grad_clip", "lr", "dict_ratio"):
         if not 0 <= getattr(args, name) < math.inf:  # also catches nan
             raise ValueError(f"--{name} must be a number >= 0, got {getattr(args, name)}")
+    for name in ("kl_coeff", "ds_coeff"):  # also where the kinds trained ignore them
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < math.inf:
+            raise ValueError(f"--{name} must be a number >= 0, got {getattr(args, name)}")
     for r in runs:
         for name in ("l1", "kl_coeff", "ds_coeff"):
             if not 0 <= getattr(r, name) < math.inf:
                 raise ValueError(f"--{name} must be a number >= 0, got {getattr(r, name)}")
+        if not (r.mse_coeff or r.kl_coeff or r.ds_coeff):
+            raise ValueError(f"--loss {r.loss} with --kl_coeff {r.kl_coeff:g} and --ds_coeff {r.ds_coeff:g} leaves "
+                             "the SAE no term to reconstruct by (MSE, KL or downstream); give a coefficient > 0")
     if args.lr == 0 or args.dict_ratio == 0:
         raise ValueError(f"--lr and --dict_ratio must be > 0, got {args.lr} and {args.dict_ratio}")
     kinds = {r.loss for r in runs}

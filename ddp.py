@@ -10,6 +10,7 @@ here does nothing (or returns its input), so train.py reads the same with or wit
 
 torchrun sets RANK and WORLD_SIZE; rank 0 (MASTER) alone writes files and prints.
 """
+import atexit
 import contextlib
 import os
 import sys
@@ -100,9 +101,18 @@ def no_sync(module, sync):
 
 
 def leave(status=None):
-    """Exit every process, after the others reach here: rank 0's status; another process's str (an error rank 0
-    reports) becomes exit status 1."""
-    if DDP:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.exit(status if MASTER or not isinstance(status, str) else 1)
+    """Exit every process, after the others reach here: rank 0's status (a str: printed, exit status 1); another
+    process's str (the error rank 0 reports) becomes exit status 1. With DDP the process ends without Python's
+    teardown: the DDP wrappers still hold the gloo process group, and destroying it there, while its worker threads
+    run, could abort a finished run ("terminate called without an active exception", exit status 1)."""
+    if not DDP:
+        sys.exit(status)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    if isinstance(status, str) and MASTER:
+        print(status, file=sys.stderr)
+    code = 1 if isinstance(status, str) else status or 0
+    atexit._run_exitfuncs()  # what Python would run at exit (the run folder's lock file goes, W&B finishes)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

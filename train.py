@@ -37,7 +37,7 @@ import torch
 
 import config
 import ddp
-from checkpoint import RunFolder, check_resumable, guarded_step, setup_failed
+from checkpoint import RunFolder, check_resumable, guarded_step, setup_failed, setup_signals
 from cli import HelpFormatter, nonempty, nonneg_int, one_line_errors, resolve_device
 from logs import Log
 from data import eval_batches, get_batch, load_split, sample_rows
@@ -217,8 +217,8 @@ class SAERun:
 # ----------------------------------------------------------------------------- set-up, evaluation, logging
 
 def setup():
-    """Resolve and check everything, then load the model and data: (args, runs, ckpt, init, folder, device,
-    model, (eval_rows, train_rows, data)). Every bad input fails here with a ValueError, before anything is written."""
+    """Resolve and check everything, load the model and data, make the SAEs: (args, runs, ckpt, folder, device, model,
+    (eval_rows, train_rows, data), saes). Every bad input fails here with a ValueError, before anything is written."""
     args, runs, ckpt, init = config.resolve(parser)
     config.check_args(args, runs)
     if args.grad_accum % ddp.WORLD:
@@ -237,8 +237,15 @@ def setup():
                          f"fewer than one batch of {args.batch_size}")
     if ckpt is not None:
         check_resumable(ckpt, args, runs, data)
-    folder.trim_logs(runs)  # the first write, once every check has passed
-    return args, runs, ckpt, init, folder, device, model, (eval_rows, train_rows, data)
+    folder.prepare(runs)  # the first writes, once every check has passed
+    saes = []
+    for r in runs:
+        torch.manual_seed(args.seed)  # each SAE starts as its single run would, wherever it is in the list
+        sae = new_sae(model.config.n_embd, int(args.dict_ratio * model.config.n_embd), device)
+        if init is not None and ckpt is None:  # --init_from: its weights, a fresh optimizer
+            sae.load_state_dict(init[0].state_dict())
+        saes.append(SAERun(r, sae, adam(sae, args.lr), torch.zeros(sae.n_dict, dtype=torch.float64, device=device)))
+    return args, runs, ckpt, folder, device, model, (eval_rows, train_rows, data), saes
 
 
 def run_eval(model, saes, args, eval_rows, step, switch, last, log):
@@ -258,46 +265,42 @@ def run_eval(model, saes, args, eval_rows, step, switch, last, log):
         if args.local_frac > 0:  # which loss trained the SAE up to here; the switch's own eval marked
             m.update(phase="local" if step <= switch else s.r.loss, **({"switch": True} if step == switch else {}))
         log(s, m)
-        s.fired.zero_()  # alive_train counts features fired since the last eval
+        if not last:  # alive_train counts features fired since the last eval (kept at the end: a resumed final
+            s.fired.zero_()  # save evaluates again and must count the same)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def main():
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C in set-up: KeyboardInterrupt, one line
+    setup_signals()  # until the loop starts, SIGINT and SIGTERM end set-up in one line
     try:
-        args, runs, ckpt, init, folder, device, model, (eval_rows, train_rows, data) = setup()
-        saes = []
-        for r in runs:
-            torch.manual_seed(args.seed)  # each SAE starts as its single run would, wherever it is in the list
-            sae = new_sae(model.config.n_embd, int(args.dict_ratio * model.config.n_embd), device)
-            if init is not None and ckpt is None:  # --init_from: its weights, a fresh optimizer
-                sae.load_state_dict(init[0].state_dict())
-            saes.append(SAERun(r, sae, adam(sae, args.lr), torch.zeros(sae.n_dict, dtype=torch.float64, device=device)))
+        args, runs, ckpt, folder, device, model, (eval_rows, train_rows, data), saes = setup()
+        eff_batch = args.batch_size * args.grad_accum  # samples per optimizer step, over all processes
+        steps = args.n_samples // eff_batch
+        switch = int(args.local_frac * args.n_samples) // eff_batch  # --local_frac: steps before it are local
+        start = folder.resume(saes, device)
+        log = Log(args, saes, ckpt)
+        log.start(start, steps, device)
+        if args.compile:
+            for m in [*model.transformer.h, *(s.sae for s in saes)]:
+                m.compile()
+        for s in saes:
+            s.module = ddp.wrap(s.sae, device)
+        if device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls
+        autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+        if args.dtype == "bfloat16":
+            model.cast_frozen(torch.bfloat16)  # the frozen weights cast once, not at every use
+        log.init_wandb()
+        folder.begin(data, log.wandb_id)  # a new run's ckpt.pt, before any other file; signals now stop the loop
     except (ValueError, OSError, KeyboardInterrupt) as e:
         setup_failed(e)
-    eff_batch = args.batch_size * args.grad_accum  # samples per optimizer step, over all processes
-    steps = args.n_samples // eff_batch
-    switch = int(args.local_frac * args.n_samples) // eff_batch  # --local_frac: steps before it are local
-    start = folder.resume(saes, device)
-    log = Log(args, saes, ckpt)
-    log.start(start, steps, device)
-    if args.compile:
-        for m in [*model.transformer.h, *(s.sae for s in saes)]:
-            m.compile()
-    for s in saes:
-        s.module = ddp.wrap(s.sae, device)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    if args.dtype == "bfloat16":
-        model.cast_frozen(torch.bfloat16)  # the frozen weights cast once, not at every use
-    log.init_wandb()
-    folder.begin(data, log.wandb_id)  # a new run's ckpt.pt, before any other file; signals stop the loop
     accum = args.grad_accum // ddp.WORLD  # micro-batches per process
     t_start, t_train, n_timed = time.time(), 0.0, 0
     for step in range(start, steps + 1):
         last = step == steps
+        if last and any(s.bad for s in saes):
+            folder.stop_bad(step - 1)  # the run ends inside a bad streak: the last good SAEs are saved, not done
         with autocast:
             if last:
                 folder.final_eval(lambda last: run_eval(model, saes, args, eval_rows, step, switch, last, log.eval), step)
@@ -343,5 +346,3 @@ if __name__ == "__main__":
     except OSError as e:  # a save failed (disk full, read-only): the file it replaced, and ckpt.pt, are whole
         sys.exit(f"train.py: error: {write_error(e)}; the run folder's ckpt.pt is its last whole checkpoint: resume "
                  "with --resume once this is fixed")
-    except KeyboardInterrupt:  # before the SIGINT handler of training is set: nothing is being written
-        sys.exit("train.py: interrupted; the run folder's ckpt.pt is its last whole checkpoint")

@@ -9,6 +9,10 @@
                     runs, ignores permissions, so the OS cannot be asked to refuse)
     eval            the evaluation raises ZeroDivisionError (as --ctx 1 did)
     sigint-setup    a real SIGINT (Ctrl-C) arrives while train.py loads the model, during its set-up
+    sigterm-setup   the same with SIGTERM (what a scheduler sends)
+    sigkill-save:K  the process is killed (SIGKILL) right after its K-th write of ckpt.pt, as a kill -9 inside
+                    a save would leave it (K counts every save's first write and a final save's second)
+    nan-mse:K       losses.mse_loss returns NaN from its K+1-th call on (a run whose loss turns non-finite)
 """
 import errno
 import os
@@ -53,15 +57,38 @@ def failing_eval():
     ev.evaluate_many = evaluate_many
 
 
-def ctrl_c_in_setup():
+def signal_in_setup(sig=signal.SIGINT):
     import model
     load = model.GPT.from_pretrained.__func__
 
     def from_pretrained(cls, *a, **kw):
-        signal.raise_signal(signal.SIGINT)  # its handler runs before this returns
+        signal.raise_signal(sig)  # its handler runs before this returns
         time.sleep(10)  # not reached
         return load(cls, *a, **kw)
     model.GPT.from_pretrained = classmethod(from_pretrained)
+
+
+def kill_after_save(k):
+    import checkpoint
+    real, seen = checkpoint.save_checkpoint, []
+
+    def save_checkpoint(path, **state):
+        real(path, **state)
+        seen.append(path)
+        if len(seen) == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.save_checkpoint = save_checkpoint
+
+
+def nan_mse(k):
+    import losses
+    real, calls = losses.mse_loss, []
+
+    def mse_loss(*a):
+        calls.append(1)
+        out = real(*a)
+        return out * float("nan") if len(calls) > k else out
+    losses.mse_loss = mse_loss
 
 
 if __name__ == "__main__":
@@ -75,7 +102,13 @@ if __name__ == "__main__":
     elif kind == "eval":
         failing_eval()
     elif kind == "sigint-setup":
-        ctrl_c_in_setup()
+        signal_in_setup(signal.SIGINT)
+    elif kind == "sigterm-setup":
+        signal_in_setup(signal.SIGTERM)
+    elif kind == "sigkill-save":
+        kill_after_save(int(rest))
+    elif kind == "nan-mse":
+        nan_mse(int(rest))
     else:
         sys.exit(f"faults.py: unknown fault {fault!r}")
     sys.argv = [script, *args]

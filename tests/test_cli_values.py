@@ -150,19 +150,19 @@ def sweep_ckpt(out):
 
 
 def test_diverging_sweep_warns_once_per_sae_and_stops_with_finite_saes(tmp_path, tiny_model_dir, text_file):
-    """--lr 1e10: step 0 throws the weights to ~1e11 and the MSE to ~1e20, still finite. Each SAE warns
-    once, its steps are skipped, and after --max_bad_steps the run stops; a resume keeps the reference."""
+    """--lr 1e10: step 0 would throw the weights to ~1e11, still finite: it is undone. Each SAE warns once, its
+    steps are skipped, and after --max_bad_steps the run stops; a resume keeps the reference."""
     out = str(tmp_path / "run")
     a = tiny_args(tiny_model_dir, text_file, out, "local", l1="1,2", lr=1e10, max_bad_steps=3)
     p = run("train.py", *a, check=False)
     err = p.stderr.strip()
     assert p.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert "3 diverging steps in a row (loss or weight norm over 1e+06x the first step's, steps 1..3)" in err
+    assert "3 diverging steps in a row (loss or weight norm over 1e+06x the first step's, steps 0..2)" in err
     assert "Start again with a lower --lr" in err
     warned = [line for line in p.stdout.splitlines() if "warning: diverging" in line]
-    assert [w.split(" | ")[:2] for w in warned] == [["step     1", "local_L1_l1"], ["step     1", "local_L1_l2"]]
+    assert [w.split(" | ")[:2] for w in warned] == [["step     0", "local_L1_l1"], ["step     0", "local_L1_l2"]]
     c = sweep_ckpt(out)
-    assert c["step"] == 4 and not c["finished"]
+    assert c["step"] == 3 and not c["finished"]
     from sae import load_sae
     for r in c["runs"]:
         assert r["bad_steps"] == 3 and r["diverged"] and r["ref"][0] < 1 and 1 < r["ref"][1] < 100
@@ -170,7 +170,7 @@ def test_diverging_sweep_warns_once_per_sae_and_stops_with_finite_saes(tmp_path,
         sae, _ = load_sae(os.path.join(out, r["name"]))  # the saved SAE loads
         assert torch.equal(sae.encoder.weight, r["sae"]["encoder.weight"])
     p = run("train.py", "--resume", "--out_dir", out, "--max_bad_steps", 5, check=False)  # the reference is kept
-    assert p.returncode == 1 and "5 diverging steps in a row" in p.stderr and "steps 1..5" in p.stderr, p.stderr
+    assert p.returncode == 1 and "5 diverging steps in a row" in p.stderr and "steps 0..4" in p.stderr, p.stderr
     assert "warning" not in p.stdout  # the streak goes on: warned already
 
 

@@ -129,12 +129,13 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(ref, monkeypatch):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_with_last_good_sae(ref, tmp_path, text_file, monkeypatch):
-    """--lr 1e30: step 0 is finite and throws the SAE far out, so every later loss overflows to inf."""
+    """From step 1 on the loss is NaN (a fault: mse_loss returns NaN after step 0's two micro-batches)."""
+    from test_data_loss import cli
     args, ref_out, _ = ref
     data = tmp_path / "data.txt"
     data.write_text(open(text_file).read())
     out = str(tmp_path / "diverged")
-    p = run("train.py", *args(out, lr=1e30, max_bad_steps=3, dataset=data), check=False)
+    p = cli("train.py", *args(out, max_bad_steps=3, dataset=data), fault="nan-mse:2")
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "3 non-finite steps in a row (steps 1..3)" in p.stderr
     skipped = [line for line in p.stdout.splitlines() if "skipped" in line]
@@ -143,7 +144,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_last_good_sae(ref, tmp_path,
     assert c["step"] == 4 and c["bad_steps"] == 3 and not c["finished"]
     assert all(torch.isfinite(v).all() for v in c["sae"].values())
     one = str(tmp_path / "one_step")  # the same run stopped after its only, good, step
-    run("train.py", *args(one, lr=1e30, n_samples=8, dataset=data))
+    assert cli("train.py", *args(one, n_samples=8, dataset=data), fault="nan-mse:2").returncode == 0
     for k, v in ckpt(one)["sae"].items():
         assert torch.equal(c["sae"][k], v), k
     # a resume must read the same tokens: a changed dataset file is refused
@@ -151,16 +152,24 @@ def test_nonfinite_steps_are_skipped_then_stop_with_last_good_sae(ref, tmp_path,
     assert "is not the one of the run" in train_error(monkeypatch, "--resume", "--out_dir", out, "--max_bad_steps", 5)
 
 
+def whole_checkpoint(step):
+    """A checkpoint with every field train.py writes (load_checkpoint refuses one that lacks any)."""
+    run = dict(name="local_L1_l1", loss="local", layer=1, l1=1.0, kl_coeff=0.0, ds_coeff=0.0, bad_steps=0, sae={},
+               optimizer={}, fired=torch.zeros(4, dtype=torch.float64))
+    return dict(format=checkpoint.FORMAT, step=step, finished=False, args={}, data=dict(rows=1, fingerprint="-"),
+                rng=torch.get_rng_state(), cuda_rng=None, runs=[run])
+
+
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    checkpoint.atomic_save(dict(format=checkpoint.FORMAT, step=3, finished=False), path)
+    checkpoint.atomic_save(whole_checkpoint(3), path)
 
     def dies_midway(obj, f):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # the process dies here
     monkeypatch.setattr(checkpoint.torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.atomic_save(dict(format=checkpoint.FORMAT, step=4, finished=False), path)
+        checkpoint.atomic_save(whole_checkpoint(4), path)
     assert checkpoint.load_checkpoint(path)["step"] == 3
 
 
