@@ -233,7 +233,12 @@ def final_eval(path, keys=()):
                          f"(`python eval.py SRC --json >> SRC/eval.jsonl` writes one)")
     from sae import read_sae_json
     cfg = read_sae_json(j, required=("layer",))
-    lines = [line for line in open(f) if line.strip()]
+    with open(f, "rb") as fh:
+        data = fh.read()
+    try:
+        lines = [line for line in data.decode("utf-8").split("\n") if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f!r} is not UTF-8 text (byte {e.start}); expected the JSON lines eval.py writes") from None
     try:
         last = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
@@ -242,7 +247,23 @@ def final_eval(path, keys=()):
     if lacks:
         raise ValueError(f"{f!r}: its last line (line {len(lines)}) is not an evaluation of eval.py: it lacks "
                          f"{lacks!r}")
+    for k in keys + ("downstream_layers",) * ("downstream_layers" in last):  # numbers; downstream_*: lists of them
+        v, many = last[k], k.startswith("downstream")
+        if not (isinstance(v, list) and all(map(_number, v)) if many else _number(v)):
+            raise ValueError(f"{f!r}: its last line (line {len(lines)}) has {k} {json.dumps(v)[:40]}; expected "
+                             f"{'a list of numbers' if many else 'a number'}")
+    if "layer" in last and not (type(last["layer"]) is int and last["layer"] >= 0):
+        raise ValueError(f"{f!r}: its last line (line {len(lines)}) has layer {json.dumps(last['layer'])[:40]}; "
+                         "expected an integer >= 0")
+    lists = {k: len(v) for k, v in last.items() if k.startswith("downstream") and k in keys + ("downstream_layers",)}
+    if len(set(lists.values())) > 1:
+        raise ValueError(f"{f!r}: its last line (line {len(lines)}) has lists of different lengths "
+                         f"({', '.join(f'{k} {n}' for k, n in lists.items())}); expected one per downstream layer")
     return cfg, last
+
+
+def _number(v):
+    return type(v) in (int, float)
 
 
 def front(xs, ys):

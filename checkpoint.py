@@ -178,17 +178,47 @@ def check_tensors(ckpt, path, d, n_dict):
     its firing counts. Checked before anything is loaded, so the error is one line, not load_state_dict's."""
     from sae import check_state, sae_shapes
     shapes = list(sae_shapes(d, n_dict).items())  # the order of SAE.parameters(), the optimizer's indices
+    group = torch.optim.Adam([torch.zeros(1) for _ in shapes]).state_dict()["param_groups"][0]  # what Adam saves
     for r in ckpt["runs"]:
         where = f"{path!r} (SAE {r['name']}; this run: d {d}, n_dict {n_dict})"
         check_state(r["sae"], d, n_dict, where)
-        if not isinstance(r.get("fired"), torch.Tensor) or tuple(r["fired"].shape) != (n_dict,):
-            raise ValueError(f"{where}: its firing counts are not a tensor of shape ({n_dict},)")
-        state = r["optimizer"].get("state", {})
+        bad = next((k for k, t in r["sae"].items() if not t.is_floating_point() or not torch.isfinite(t).all()), None)
+        if bad:
+            raise ValueError(f"{where}: its {bad} holds non-finite values or is not a float tensor")
+        fired = r.get("fired")
+        if not isinstance(fired, torch.Tensor) or tuple(fired.shape) != (n_dict,) or not fired.is_floating_point() \
+                or not (fired >= 0).all() or not torch.isfinite(fired).all():
+            raise ValueError(f"{where}: its firing counts are not counts (a tensor of shape ({n_dict},), >= 0)")
+        groups, state = r["optimizer"].get("param_groups"), r["optimizer"].get("state")
+        if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+                and groups[0].get("params") == group["params"] and all(_like(groups[0].get(k), v)
+                                                                       for k, v in group.items())):
+            raise ValueError(f"{where}: its optimizer's param_groups are not those of the SAE's Adam")
+        keys = [sorted(state.get(i, {})) if isinstance(state, dict) and isinstance(state.get(i, {}), dict) else None
+                for i in range(len(shapes))]
+        if not isinstance(state, dict) or set(state) - set(range(len(shapes))) or \
+                any(k != keys[0] for k in keys) or keys[0] not in ([], ["exp_avg", "exp_avg_sq", "step"]):
+            raise ValueError(f"{where}: its optimizer's state is not Adam's (step, exp_avg, exp_avg_sq for each of "
+                             f"the SAE's {len(shapes)} parameters, or none before the first step)")
         for i, (name, shape) in enumerate(shapes):
             for k, t in state.get(i, {}).items():
-                if k != "step" and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+                ok = isinstance(t, torch.Tensor) and t.is_floating_point() and torch.isfinite(t).all() and \
+                    (tuple(t.shape) == (() if k == "step" else shape)) and (k == "exp_avg" or (t >= 0).all())
+                if not ok:
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(f"{where}: the optimizer's {k} of {name} has shape {got}, not {shape}")
+                    raise ValueError(f"{where}: the optimizer's {k} of {name} ({got}) is not an Adam state of shape "
+                                     f"{() if k == 'step' else shape}, finite{'' if k == 'exp_avg' else ', >= 0'}")
+
+
+def _like(v, want):
+    """Is v a value of the kind of want (an Adam hyperparameter as torch saves it)?"""
+    if isinstance(want, bool) or want is None:
+        return v is None or isinstance(v, bool)
+    if isinstance(want, (int, float)):
+        return type(v) in (int, float) and math.isfinite(v) and v >= 0
+    if isinstance(want, (tuple, list)):
+        return isinstance(v, (tuple, list)) and len(v) == len(want) and all(_like(a, b) for a, b in zip(v, want))
+    return type(v) is type(want)
 
 
 def check_out_dir(out_dir, ckpt_exists, run_dirs=()):

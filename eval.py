@@ -310,7 +310,7 @@ def main(argv=None):
                         help="count alive over at least this many tokens")
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help="rows per batch; if unset, the run's, else 8")
-    parser.add_argument("--save_firing", action="store_true", help="write firing.safetensors into the run folder")
+    parser.add_argument("--save_firing", action="store_true", help="write firing.safetensors into the run folder (refused while a train.py runs in it)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -318,15 +318,22 @@ def main(argv=None):
     one_line_errors(parser, "eval.py")
     args = parser.parse_args(argv)
     from data import eval_batches
-    from files import check_writable, write_error
+    from files import check_writable, lock_holder, write_error
     from interop import source_format
     from sae import save_firing
+
+    def check_not_training():  # train.py writes firing.safetensors itself; never under a running one
+        holder = lock_holder(args.source)
+        if holder:
+            raise ValueError(f"--save_firing: run folder {args.source!r} is in use by {holder}, which writes "
+                             "firing.safetensors itself; wait for it to end (or stop it), or leave out --save_firing")
     try:
         device = resolve_device(args.device)
         if args.save_firing and source_format(args.source) != "run":
             raise ValueError(f"--save_firing writes into a run folder and {args.source!r} is not one; "
                              "import it first with interop.py")
         if args.save_firing:  # before the evaluation, not after it
+            check_not_training()
             check_writable(args.source, "--save_firing: run folder")
         p = prepare(args.source, args.model, args.dataset, args.ctx, args.eval_samples, args.alive_tokens, device,
                     args.data_dir)
@@ -347,7 +354,10 @@ def main(argv=None):
     m.update(p["info"], alive=int((counts > 0).sum()), alive_tokens=tokens)
     if args.save_firing:
         try:
+            check_not_training()  # again: a train.py may have started during the evaluation
             save_firing(args.source, counts / tokens, tokens, dataset=m["dataset"], held_out=m["held_out"])
+        except ValueError as e:
+            sys.exit(f"eval.py: error: {e}")
         except OSError as e:  # the file it would replace is whole
             sys.exit(f"eval.py: error: {write_error(e)}")
     print(json.dumps(m) if args.json else format_metrics(m))

@@ -38,6 +38,8 @@ each side and dead ones are listed. DIR/a and DIR/b are each one source's full s
 The site: DIR/index.html, a table of the alive features sorted by a click on a header (or index.html#sort=C,
 C the column), --page_rows rows at a time, each row an element with data-feature=ID, then the dead features
 as ranges; views DIR/f/NNNN.html#ID with NNNN = ID // PER (PER features a file); DIR/site.json, the numbers.
+The site is built in a new folder beside DIR, which takes DIR's place only when it is whole (files.replace_dir):
+a refused, failed or interrupted run leaves a previous site as it was; a user's own files in it are kept.
 Dataset text reaches a page only as JSON inside <script type="application/json"> with < > & written as \\u
 escapes, and the page puts it into the DOM with textContent / setAttribute only: never parsed as HTML, so a
 document holding <script> shows as text.
@@ -56,10 +58,12 @@ import numpy as np
 import torch
 
 from cli import nonempty, nonneg_int, one_line_errors, positive_int, resolve_device
+from files import check_writable, remove_made, replace_dir
 
 BINS = 128          # histogram bins per feature; a power of two
 QUANTILES = (0.5, 0.9, 0.99)
 PER = 256           # features per view file (pairs per file in compare mode)
+SITE = ("index.html", "site.json", "f", "p", "a", "b")  # what a site folder holds (one source, or compare)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -304,6 +308,37 @@ def compare(a, b, out, match_cap=4096, page_rows=100, **kw):
         json.dump(info, f, indent=1)
 
 
+def keep_others(old, new):
+    """Into the new site folder, the entries of the old one (a previous site) that are not the site's own (SITE):
+    a user's files stay when the site is replaced. Hard links (copies where the file system has none), so the
+    old folder is untouched until the new one takes its place."""
+    if not os.path.isdir(old):
+        return
+    for name in sorted(set(os.listdir(old)) - set(SITE)):
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def missing_top(path):
+    """The topmost folder of path's parents that does not exist yet (replace_dir makes it), or None."""
+    top, d = None, os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(d):
+        top, d = d, os.path.dirname(d)
+    return top
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="A static feature browser for an SAE, or two side by side.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -345,16 +380,23 @@ def main(argv=None):
             raise ValueError(f"--out {args.out!r} is a file; give a folder (new, empty, or a previous site)")
         if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "site.json")):
             raise ValueError(f"--out {args.out!r} holds other files; give a new or empty folder, or a previous site")
-        for name in ("index.html", "site.json", "f", "p", "a", "b"):                  # a previous site: ours only
-            path = os.path.join(args.out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.isfile(path) else None
+        check_writable(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out!r}: its parent folder")
         kw = dict(n_tokens=args.n_tokens, k=args.k, before=args.before, after=args.after, n_logits=args.n_logits,
                   batch_size=args.batch_size, chunk=args.chunk, device=device, model_name=args.model,
                   dataset=args.dataset, ctx=args.ctx, data_dir=args.data_dir)
-        if args.compare is not None:
-            compare(args.run, args.compare, args.out, args.match_cap, args.page_rows, **kw)
-        else:
-            write_site(args.out, gather(args.run, **kw), args.run, args.page_rows)
+
+        def fill(tmp):  # the whole work, into a new folder beside --out; the old site stays until it is done
+            if args.compare is not None:
+                compare(args.run, args.compare, tmp, args.match_cap, args.page_rows, **kw)
+            else:
+                write_site(tmp, gather(args.run, **kw), args.run, args.page_rows)
+            keep_others(args.out, tmp)
+        made = missing_top(args.out)
+        try:
+            replace_dir(args.out, fill, force=True)
+        except BaseException:
+            remove_made(os.path.dirname(os.path.abspath(args.out)), made)  # folders made for a new --out
+            raise
     except (ValueError, OSError) as e:
         sys.exit(f"features.py: error: {e}")
     print(f"site: {os.path.join(args.out, 'index.html')}")

@@ -218,3 +218,23 @@ def unlock_run(lock, tidy=False):
     lock["fd"] = None
     if tidy:
         remove_made(os.path.dirname(lock["path"]), lock["made"])
+
+
+def lock_holder(folder):
+    """Who holds folder's .train.lock (files.lock_run): the line the holder wrote there (or 'another train.py')
+    while a running train.py holds it, else None. A non-blocking shared flock, let go at once: it never waits,
+    never creates the file, and cannot take the lock from its holder."""
+    import fcntl
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY)
+    except OSError:  # missing: no train.py holds the folder (an unreadable one: lock_run cannot use it either)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 300, 0).decode(errors="replace").strip() or "another train.py"
+        fcntl.flock(fd, fcntl.LOCK_UN)  # a file left by a process that ended: not held
+        return None
+    finally:
+        os.close(fd)

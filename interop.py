@@ -24,8 +24,14 @@ SAELens  a folder: cfg.json + sae_weights.safetensors, architecture `standard`, 
          sparsity.safetensors: `sparsity` = log10(freq + 1e-10), SAELens's convention (dead features: -10).
          The centring is metadata.model_from_pretrained_kwargs.center_writing_weights (default true). The model
          and hook names are TransformerLens's: gpt2 or roneneldan/TinyStories-1M, blocks.L.hook_resid_pre.
+Every reader refuses in one line, naming the file and the field, key or tensor, what it cannot load exactly: a
+file cut short or not UTF-8; a config that is not a mapping, or a field of another type or an invalid value (n_ctx,
+context_size, coefficients < 0, d_in / d_sae that disagree with the weights, apply_b_dec_to_input not a boolean);
+unexpected keys; tensors of another shape or dtype; NaN, inf or values beyond fp32; a decoder column (SAELens: row)
+of zeros, which has no direction. tests/test_fuzz_interop.py mutates valid files to hold the readers to that.
 Imports and exports write a new folder, or replace an empty one; a folder with files in it only with --force,
-which replaces it whole (written beside it, then swapped in: no file of the old folder remains).
+which replaces it whole (written beside it, then swapped in: no file of the old folder remains), but never a run
+folder that a running train.py holds (its .train.lock, lock_holder).
 A SAELens SAE with W_dec rows of norm n ≠ 1 imports exactly by folding n into the encoder
 (ReLU(z) n = ReLU(z n) for n > 0), as SAELens's fold_W_dec_norm=True: the same x_hat, the feature
 activations scaled by n; apply_b_dec_to_input true folds into b_e = b_enc − W_encᵀ b_dec.
@@ -35,12 +41,14 @@ import json
 import os
 import re
 import sys
+import warnings
 
 import torch
 
 from cli import first_line, nonempty, one_line_errors
-from files import check_target, replace_dir, write_bytes, write_error
+from files import check_target, lock_holder, replace_dir, write_bytes, write_error
 from sae import SAE, load_sae, save_firing, save_sae, save_tensors
+from source_checks import BOOL, NONNEG, POS_INT, TEXT, check_columns, check_finite, check_run_args, check_state_values, field, json_safe, kind, mapping, read_text, shown
 
 APOLLO_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
 TLENS_NAMES = {"gpt2-small": "gpt2", "tiny-stories-1M": "roneneldan/TinyStories-1M"}  # TransformerLens aliases -> ours
@@ -59,20 +67,20 @@ def hook_layer(name):
     return int(m.group(1))
 
 
-def sae_from(W_e, b_e, W_d, b_d):
-    """An SAE holding exactly these tensors (paper shapes), as fp32."""
-    n_dict, d = W_e.shape
-    if tuple(b_e.shape) != (n_dict,) or tuple(W_d.shape) != (d, n_dict) or tuple(b_d.shape) != (d,):
-        raise ValueError(f"inconsistent SAE shapes: W_e {tuple(W_e.shape)}, b_e {tuple(b_e.shape)}, "
+def sae_from(W_e, b_e, W_d, b_d, where="the SAE"):
+    """An SAE holding exactly these tensors (paper shapes), as fp32; ValueError (one line, starting with where)
+    unless the shapes agree, every value is finite in fp32 and every decoder column can be normalised."""
+    if W_e.dim() != 2 or tuple(b_e.shape) != W_e.shape[:1] or tuple(W_d.shape) != tuple(W_e.shape)[::-1] \
+            or tuple(b_d.shape) != W_e.shape[1:] or W_e.numel() == 0:
+        raise ValueError(f"{where}: inconsistent SAE shapes: W_e {tuple(W_e.shape)}, b_e {tuple(b_e.shape)}, "
                          f"W_d {tuple(W_d.shape)}, b_d {tuple(b_d.shape)}")
+    n_dict, d = W_e.shape
+    state = {"encoder.weight": W_e.float(), "encoder.bias": b_e.float(), "decoder.weight": W_d.float(),
+             "decoder.bias": b_d.float()}
+    check_state_values(state, where)
     sae = SAE(d, n_dict)
-    sae.load_state_dict({"encoder.weight": W_e.float(), "encoder.bias": b_e.float(),
-                         "decoder.weight": W_d.float(), "decoder.bias": b_d.float()})
+    sae.load_state_dict(state)
     return sae
-
-
-def _json_safe(obj):
-    return json.loads(json.dumps(obj, default=str))
 
 
 # ----------------------------------------------------------------------------- firing frequencies
@@ -90,8 +98,15 @@ def load_firing(path):
             except Exception as e:  # SafetensorError (a header cut short), no such tensor
                 raise ValueError(f"{f!r} is not a readable firing file ({type(e).__name__}: "
                                  f"{first_line(e)}); move it away to use every feature") from None
+            if t.dim() != 1 or not torch.isfinite(t).all():
+                raise ValueError(f"{f!r}: tensor {key} is not a finite vector (shape {tuple(t.shape)}); move it away "
+                                 "to use every feature, or write a new one with `python eval.py SRC --save_firing`")
             if key == "sparsity":  # log10(freq + EPS); a dead feature reads -10
                 t = (10 ** t - EPS).clamp_min(0)
+            if (t < 0).any() or (t > 1 + 1e-5).any():
+                raise ValueError(f"{f!r}: tensor {key} holds firing frequencies outside [0, 1] (e.g. "
+                                 f"{t[(t < 0) | (t > 1 + 1e-5)][0].item():.4g}); move it away, or write a new one with "
+                                 "`python eval.py SRC --save_firing`")
             tokens = meta.pop("tokens", None)
             return dict(meta, freq=t, tokens=int(tokens) if tokens and tokens.isdigit() else None, file=f)
     return None
@@ -99,48 +114,110 @@ def load_firing(path):
 
 # ----------------------------------------------------------------------------- Apollo's release
 
-def read_apollo(path):
-    """(SAE, cfg) from an Apollo e2e_sae .pt, with its .yaml config when one lies beside it."""
+APOLLO_PARTS = ("encoder.0.weight", "encoder.0.bias", "decoder.weight", "decoder.bias")
+APOLLO_KEY = re.compile(r"(blocks-\d+-hook_resid_pre)\.(" + "|".join(re.escape(p) for p in APOLLO_PARTS) + ")")
+APOLLO_LAYOUT = "exactly the 4 tensors blocks-L-hook_resid_pre.{" + ", ".join(APOLLO_PARTS) + "} of one L"
+
+
+def read_apollo_yaml(yaml_path):
+    """The .yaml beside an Apollo .pt as a dict; ValueError naming the file unless it is a YAML mapping."""
     import yaml
+    text = read_text(yaml_path, "Apollo's YAML training config")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
+        conf = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{yaml_path!r} is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}{at})") \
+            from None
+    except RecursionError:
+        raise ValueError(f"{yaml_path!r} is not Apollo's training config (lists or mappings nested too deep)") from None
+    except ValueError as e:  # a YAML integer of more digits than Python converts
+        raise ValueError(f"{yaml_path!r} is not Apollo's training config ({first_line(e)[:100]})") from None
+    if conf is None:
+        return {}
+    if not isinstance(conf, dict):
+        raise ValueError(f"{yaml_path!r} holds {kind(conf)} ({shown(conf)}), not the mapping of Apollo's training "
+                         "config")
+    return conf
+
+
+def read_apollo(path):
+    """(SAE, cfg) from an Apollo e2e_sae .pt, with its .yaml config when one lies beside it; ValueError (one line,
+    naming the file and the key or tensor) for anything else."""
+    try:
+        with warnings.catch_warnings():  # a damaged file's pickle protocol, ...: the one line below says enough
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path!r} is not a readable state dict ({type(e).__name__})") from None
-    prefixes = sorted({k.split(".")[0] for k in sd})
+        raise ValueError(f"{path!r} is not a readable state dict ({type(e).__name__}: {first_line(e)[:120]})") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path!r} holds {kind(sd)}, not a state dict; expected {APOLLO_LAYOUT}")
+    if not sd:
+        raise ValueError(f"{path!r} holds an empty state dict; expected {APOLLO_LAYOUT}")
+    odd = [k for k in sd if not (isinstance(k, str) and APOLLO_KEY.fullmatch(k))]
+    if odd:
+        more = f" and {len(odd) - 1} other unexpected key(s)" if len(odd) > 1 else ""
+        raise ValueError(f"{path!r} holds key {shown(odd[0])}{more}; expected {APOLLO_LAYOUT} (Apollo e2e_sae's "
+                         "layout)")
+    prefixes = sorted({APOLLO_KEY.fullmatch(k).group(1) for k in sd})
     if len(prefixes) != 1:
         raise ValueError(f"{path!r} holds SAEs at {prefixes}; expected exactly one position")
     P = prefixes[0]
-    need = [f"{P}.encoder.0.weight", f"{P}.encoder.0.bias", f"{P}.decoder.weight", f"{P}.decoder.bias"]
+    need = [f"{P}.{p}" for p in APOLLO_PARTS]
     if any(k not in sd for k in need):
-        raise ValueError(f"{path!r} lacks {[k for k in need if k not in sd]}; not an Apollo e2e_sae SAE")
+        raise ValueError(f"{path!r} lacks {[k for k in need if k not in sd]}; expected {APOLLO_LAYOUT}")
+    odd = next((k for k in need if not isinstance(sd[k], torch.Tensor)), None)
+    if odd:
+        raise ValueError(f"{path!r}: {odd} is {kind(sd[odd])}, not a tensor")
+    W_e, b_e, W_d, b_d = (sd[k] for k in need)
+    check_finite(dict(zip(need, (W_e, b_e, W_d, b_d))), repr(path))
+    if W_e.dim() != 2 or W_d.dim() != 2 or b_e.dim() != 1 or b_d.dim() != 1:
+        raise ValueError(f"{path!r}: tensors of {[tuple(t.shape) for t in (W_e, b_e, W_d, b_d)]} dims; expected "
+                         "encoder.0.weight (n_dict, d), encoder.0.bias (n_dict,), decoder.weight (d, n_dict), "
+                         "decoder.bias (d,)")
     layer = hook_layer(P)
     yaml_path, conf = os.path.splitext(path)[0] + ".yaml", {}
     if os.path.isfile(yaml_path):
-        with open(yaml_path) as f:
-            conf = yaml.safe_load(f) or {}
-        pos = (conf.get("saes") or {}).get("sae_positions")
-        pos = pos[0] if isinstance(pos, list) and len(pos) == 1 else pos
-        if pos is not None and hook_layer(pos) != layer:
-            raise ValueError(f"{yaml_path!r} says sae_positions {pos!r}, but the weights are for {P}")
+        conf = read_apollo_yaml(yaml_path)
     else:
         print(f"interop.py: note: no {yaml_path}; layer {layer} read from the weight names", file=sys.stderr)
-    W_d = sd[f"{P}.decoder.weight"].float()
-    W_d = W_d / W_d.norm(dim=0, keepdim=True)  # the release stores raw columns; the SAE uses unit ones
-    sae = sae_from(sd[f"{P}.encoder.0.weight"], sd[f"{P}.encoder.0.bias"], W_d, sd[f"{P}.decoder.bias"])
-    loss_conf, data = conf.get("loss") or {}, conf.get("train_data") or {}
+    where = repr(yaml_path)
+    saes = mapping(conf.get("saes"), where, "saes")
+    pos = saes.get("sae_positions")
+    pos = pos[0] if isinstance(pos, list) and len(pos) == 1 else pos
+    if pos is not None:
+        try:
+            if hook_layer(pos) != layer:
+                raise ValueError(f"says sae_positions {pos!r}, but the weights are for {P}")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    model_name = field(conf, "tlens_model_name", where, TEXT)
+    loss_conf = mapping(conf.get("loss"), where, "loss")
+    data = mapping(conf.get("train_data"), where, "train_data")
+    kl_coeff = field(mapping(loss_conf.get("logits_kl"), where, "loss.logits_kl"), "coeff", where, NONNEG,
+                      "loss.logits_kl.coeff")
+    in_to_orig = mapping(loss_conf.get("in_to_orig"), where, "loss.in_to_orig")
+    ds_coeff = field(in_to_orig, "total_coeff", where, NONNEG, "loss.in_to_orig.total_coeff")
+    l1 = field(mapping(loss_conf.get("sparsity"), where, "loss.sparsity"), "coeff", where, NONNEG,
+                "loss.sparsity.coeff")
+    n_ctx = field(data, "n_ctx", where, POS_INT, "train_data.n_ctx")
+    dataset_name = field(data, "dataset_name", where, TEXT, "train_data.dataset_name")
+    check_columns(W_d, repr(path), f"{P}.decoder.weight", dtype=torch.float64)
+    W_d = W_d.double()
+    W_d = W_d / W_d.norm(dim=0, keepdim=True)  # the release stores raw columns; the SAE uses unit ones (fp64: exact)
+    sae = sae_from(W_e, b_e, W_d, b_d, repr(path))
     if loss_conf:
-        kl = ((loss_conf.get("logits_kl") or {}).get("coeff") or 0) > 0
-        loss = ("e2e_ds" if loss_conf.get("in_to_orig") else "e2e") if kl else "local"
+        ds = in_to_orig and (ds_coeff is None or ds_coeff > 0)  # a downstream term that counts
+        loss = ("e2e_ds" if ds else "e2e") if (kl_coeff or 0) > 0 else "local"
     else:  # the release's file names: {local,e2e,downstream}_similar_{ce,l0}_layer_L.pt
         stem = os.path.basename(path)
         loss = next((k for p, k in (("downstream", "e2e_ds"), ("e2e", "e2e"), ("local", "local")) if stem.startswith(p)), "unknown")
     model, dataset, ctx = APOLLO_BY_D.get(sae.d, APOLLO_BY_D[768])
-    model = conf.get("tlens_model_name") or model
-    cfg = dict(layer=layer, model=TLENS_NAMES.get(model, model), center=True, loss=loss,
-               l1=(loss_conf.get("sparsity") or {}).get("coeff"),
-               args=dict(dataset=data.get("dataset_name") or dataset, ctx=data.get("n_ctx") or ctx),
-               imported_from=dict(format="apollo", path=os.path.abspath(path), config=_json_safe(conf)))
+    model = model_name or model
+    cfg = dict(layer=layer, model=TLENS_NAMES.get(model, model), center=True, loss=loss, l1=l1,
+               args=dict(dataset=dataset_name or dataset, ctx=n_ctx or ctx),
+               imported_from=dict(format="apollo", path=os.path.abspath(path), config=json_safe(conf)))
     return sae, cfg
 
 
@@ -153,7 +230,7 @@ def write_saelens(sae, cfg, out_dir, firing=None):
     meta = dict(sae_lens_version="6.0.0", model_name=cfg["model"], hook_name=f"blocks.{cfg['layer']}.hook_resid_pre",
                 hook_head_index=None, context_size=args.get("ctx", 1024), prepend_bos=False,
                 dataset_path=args.get("dataset"), model_from_pretrained_kwargs=dict(center_writing_weights=cfg["center"]),
-                nanosae=_json_safe(dict(loss=cfg.get("loss"), l1=cfg.get("l1", args.get("l1")), args=args)))
+                nanosae=json_safe(dict(loss=cfg.get("loss"), l1=cfg.get("l1", args.get("l1")), args=args)))
     out = dict(architecture="standard", d_in=sae.d, d_sae=sae.n_dict, dtype="float32", device="cpu",
                apply_b_dec_to_input=False, normalize_activations="none", reshape_activations="none", metadata=meta)
     with torch.no_grad():
@@ -168,39 +245,88 @@ def write_saelens(sae, cfg, out_dir, firing=None):
                      metadata={"tokens": str(firing.get("tokens"))})
 
 
-def read_saelens(path):
-    """(SAE, cfg) from a SAELens folder of architecture standard on blocks.L.hook_resid_pre."""
-    from safetensors.torch import load_file
-    with open(os.path.join(path, "cfg.json")) as f:
-        conf = json.load(f)
-    meta = conf.get("metadata") or conf  # pre-v6 configs keep these fields at the top level
-    if conf.get("architecture", "standard") != "standard":
-        raise ValueError(f"{path!r} has architecture {conf['architecture']!r}; only 'standard' (ReLU) is supported")
-    if conf.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"{path!r} uses normalize_activations {conf['normalize_activations']!r}; only 'none' is supported")
-    layer = hook_layer(meta.get("hook_name"))
+def read_saelens_cfg(path):
+    """A SAELens folder's cfg.json as a dict; ValueError naming the file unless it is a JSON object."""
+    f = os.path.join(path, "cfg.json")
+    text = read_text(f, "SAELens's cfg.json")
     try:
-        w = load_file(os.path.join(path, "sae_weights.safetensors"))
-        W_enc, b_enc, W_dec, b_dec = (w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    except Exception as e:
-        raise ValueError(f"{path!r}: sae_weights.safetensors is unreadable or lacks W_enc/b_enc/W_dec/b_dec "
-                         f"({type(e).__name__})") from None
-    if conf.get("apply_b_dec_to_input"):
+        conf = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{f!r} is not a SAELens config (arrays or objects nested too deep)") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise ValueError(f"{f!r} is not a SAELens config ({first_line(e)[:100]})") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"{f!r} holds {kind(conf)} ({shown(conf)}), not the JSON object of a SAELens config")
+    return conf
+
+
+def read_saelens(path):
+    """(SAE, cfg) from a SAELens folder of architecture standard on blocks.L.hook_resid_pre; ValueError (one line,
+    naming the file and the field or tensor) for anything else."""
+    from safetensors.torch import load_file
+    conf, where = read_saelens_cfg(path), repr(os.path.join(path, "cfg.json"))
+    if "metadata" in conf:
+        meta = mapping(conf["metadata"], where, "metadata") or conf
+    else:
+        meta = conf  # pre-v6 configs keep these fields at the top level
+    if conf.get("architecture", "standard") != "standard":
+        raise ValueError(f"{path!r} has architecture {shown(conf['architecture'])}; only 'standard' (ReLU) is "
+                         "supported")
+    if conf.get("normalize_activations", "none") not in ("none", None):
+        raise ValueError(f"{path!r} uses normalize_activations {shown(conf['normalize_activations'])}; only 'none' is "
+                         "supported")
+    try:
+        layer = hook_layer(meta.get("hook_name"))
+    except ValueError as e:
+        raise ValueError(f"{where}: hook_name: {e}") from None
+    apply_b_dec = field(conf, "apply_b_dec_to_input", where, BOOL)
+    d_in, d_sae = (field(conf, k, where, POS_INT) for k in ("d_in", "d_sae"))
+    model = field(meta, "model_name", where, TEXT) or "gpt2"
+    dataset = field(meta, "dataset_path", where, TEXT)
+    ctx = field(meta, "context_size", where, POS_INT)
+    kwargs = mapping(meta.get("model_from_pretrained_kwargs"), where, "model_from_pretrained_kwargs")
+    center = field(kwargs, "center_writing_weights", where, BOOL,
+                    "model_from_pretrained_kwargs.center_writing_weights")
+    ours = mapping(meta.get("nanosae"), where, "nanosae")
+    loss = field(ours, "loss", where, TEXT, "nanosae.loss")
+    l1 = field(ours, "l1", where, NONNEG, "nanosae.l1")
+    args = dict(mapping(ours.get("args"), where, "nanosae.args"))
+    wfile = os.path.join(path, "sae_weights.safetensors")
+    try:
+        w = load_file(wfile)
+    except Exception as e:  # missing, a header cut short, a tensor past the end
+        raise ValueError(f"{wfile!r} is not a readable safetensors file ({type(e).__name__}: "
+                         f"{first_line(e)[:120]})") from None
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    missing = [k for k in names if k not in w]
+    if missing:
+        raise ValueError(f"{wfile!r} lacks tensor(s) {missing}; a standard SAELens SAE has W_enc, b_enc, W_dec, b_dec")
+    check_finite({k: w[k] for k in names}, repr(wfile))
+    W_enc, b_enc, W_dec, b_dec = (w[k].float() for k in names)
+    shapes = {k: tuple(w[k].shape) for k in names}
+    d, n = W_enc.shape if W_enc.dim() == 2 else (None, None)
+    if d is None or d * n == 0 or shapes != dict(W_enc=(d, n), b_enc=(n,), W_dec=(n, d), b_dec=(d,)):
+        raise ValueError(f"{wfile!r}: inconsistent shapes {', '.join(f'{k} {v}' for k, v in shapes.items())}; expected "
+                         "W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,)")
+    for key, want, have in (("d_in", d_in, d), ("d_sae", d_sae, n)):
+        if want is not None and want != have:
+            raise ValueError(f"{where}: {key} is {want}, but {wfile!r} holds W_enc of shape {shapes['W_enc']} "
+                             f"({key} {have})")
+    check_columns(W_dec, repr(wfile), "W_dec", dim=1, what="row", dtype=torch.float64)
+    if apply_b_dec:
         b_enc = b_enc - b_dec @ W_enc              # relu((x - b_dec) W_enc + b_enc) = relu(x W_enc + b_enc - b_dec W_enc)
-    n = W_dec.norm(dim=1)                          # (n_dict,)
-    if (n <= 0).any():
-        raise ValueError(f"{path!r} has {(n <= 0).sum().item()} all-zero decoder rows; they have no direction")
-    if (n - 1).abs().max() > 1e-5:                 # not unit norm: move the norms into the encoder, exactly
-        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
-    sae = sae_from(W_enc.t(), b_enc, W_dec.t(), b_dec)
-    ours = meta.get("nanosae") or {}
-    model = meta.get("model_name") or "gpt2"
-    kwargs = meta.get("model_from_pretrained_kwargs") or {}
-    args = dict(ours.get("args") or {})
-    args.update(dataset=meta.get("dataset_path") or args.get("dataset") or APOLLO_DATASET,
-                ctx=meta.get("context_size") or args.get("ctx") or 1024)
-    cfg = dict(layer=layer, model=TLENS_NAMES.get(model, model), center=bool(kwargs.get("center_writing_weights", True)),
-               loss=ours.get("loss") or "unknown", l1=ours.get("l1"), args=args,
+    n_ = W_dec.double().norm(dim=1)                # (n_dict,), fp64: no overflow or underflow of a float32 row
+    if (n_ - 1).abs().max() > 1e-5:                # not unit norm: move the norms into the encoder, exactly
+        W_enc, b_enc, W_dec = W_enc * n_, b_enc * n_, W_dec.double() / n_[:, None]
+    folded = [what for what, done in (("b_dec (apply_b_dec_to_input)", apply_b_dec),
+                                      ("W_dec's row norms", W_dec.dtype == torch.float64)) if done]
+    sae = sae_from(W_enc.t(), b_enc, W_dec.t(), b_dec, repr(wfile) + (
+        f" (after folding {' and '.join(folded)} into the encoder)" if folded else ""))
+    args.update(dataset=dataset or args.get("dataset") or APOLLO_DATASET, ctx=ctx or args.get("ctx") or 1024)
+    cfg = dict(layer=layer, model=TLENS_NAMES.get(model, model), center=center if center is not None else True,
+               loss=loss or "unknown", l1=l1, args=args,
                imported_from=dict(format="saelens", path=os.path.abspath(path), config=conf))
     return sae, cfg
 
@@ -225,8 +351,10 @@ def load_any(path, device="cpu"):
     fmt = source_format(path)
     if fmt == "run":
         sae, cfg = load_sae(path)
+        check_state_values(sae.state_dict(), repr(os.path.join(path, "sae.safetensors")))
     else:
         sae, cfg = (read_saelens if fmt == "saelens" else read_apollo)(path)
+    check_run_args(cfg.get("args"), path, fmt)
     firing = load_firing(path) if fmt != "apollo" else None
     if firing is not None and len(firing["freq"]) != sae.n_dict:  # a stale file, e.g. of an earlier SAE
         print(f"interop.py: note: {firing['file']} has {len(firing['freq'])} entries, not the SAE's {sae.n_dict} "
@@ -301,6 +429,10 @@ def main(argv=None):
             out, src = os.path.realpath(args.out_dir), os.path.realpath(args.src)
             if out == src or src.startswith(out + os.sep):
                 raise ValueError(f"{args.out_dir!r} holds the source {args.src!r}; write to another folder")
+            holder = lock_holder(args.out_dir) if os.path.isdir(args.out_dir) else None
+            if holder:
+                raise ValueError(f"{args.out_dir!r} is the run folder of a running {holder}; wait for it to end (or "
+                                 "stop it), or choose another folder")
             check_target(args.out_dir, args.force)  # before the work: refused at once
             sae, cfg, firing = load_any(args.src)
             cfg.pop("format")
