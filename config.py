@@ -35,6 +35,7 @@ KINDS = {
     "e2e_ds": dict(mse=0.0, kl=0.5, ds={2: 2.5, 6: 2.5, 10: 0.05},     l1={2: 10.0, 6: 50.0, 10: 1.75}),
 }
 LOCAL = "local"  # the row of --local_frac's first phase
+WARMUP_FRAC = 0.05  # the paper's warmup: 20k of 400k samples; --n_samples without --warmup_samples keeps the fraction
 # the paper's TinyStories-1M recipe: what a flag not on the command line takes when --model is TinyStories-1M
 # (hf_files.is_tinystories_1m). lr and n_samples are per kind, β (--ds_coeff) 1000 for e2e_ds; the KL coefficients are
 # the usual 1.0 / 0.5. λ: the paper gives none. local 0.01 and e2e 3 are the reference implementation's own
@@ -111,6 +112,8 @@ def resolve(parser, argv=None):
         vars(args).update(adopted)
     model_defaults(args, given)
     vars(args).update(adopted)  # the source's own layer, size and model win over a recipe's defaults
+    if "n_samples" in given and "warmup_samples" not in given:  # the recipe's warmup, 5% of the run, scales with it
+        args.warmup_samples = round(WARMUP_FRAC * args.n_samples)
     if args.out_dir is None:
         one = len(plan_runs(args)) == 1
         args.out_dir = os.path.join("out", f"{args.loss}_L{args.layer}" if one else
@@ -303,8 +306,13 @@ def check_args(args, runs):
     if args.ctx < 2:
         raise ValueError(f"--ctx must be >= 2, got {args.ctx}: the evaluation's cross-entropy predicts each next token "
                          "of a row, so a row needs at least 2")
-    if args.n_samples < args.batch_size * args.grad_accum:
-        raise ValueError(f"--n_samples {args.n_samples} is less than one step of {args.batch_size * args.grad_accum} samples")
+    eff_batch = args.batch_size * args.grad_accum
+    if args.n_samples < eff_batch:
+        raise ValueError(f"--n_samples {args.n_samples} is less than one step of {eff_batch} samples")
+    if args.warmup_samples // eff_batch >= args.n_samples // eff_batch > 1:
+        raise ValueError(f"--warmup_samples {args.warmup_samples} covers the whole run of --n_samples {args.n_samples}: "
+                         f"the learning rate would never reach --lr; give a smaller one (the paper's is "
+                         f"{WARMUP_FRAC:.0%} of the run: {round(WARMUP_FRAC * args.n_samples)}), or leave it out")
     resolve_device(args.device)  # a bad one is refused before the folder is touched
     if args.wandb and importlib.util.find_spec("wandb") is None:
         raise ValueError("--wandb needs the wandb package (pip install wandb)")

@@ -27,7 +27,7 @@ import numpy as np
 from token_cache import EOT, _documents, _records, read_record, write_cache  # noqa: F401 (EOT is data.EOT too)
 
 EXTS = (".txt", ".jsonl", ".parquet")
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nanosae")
+DEFAULT_CACHE = os.environ.get("NANOSAE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanosae")
 
 
 def _local_files(source):

@@ -341,6 +341,8 @@ def source_format(path):
         return "saelens"
     if os.path.isfile(path) and path.endswith(".pt"):
         return "apollo"
+    if not os.path.lexists(path):
+        raise ValueError(f"{path!r} does not exist: give a run folder (sae.json), a SAELens folder or an Apollo .pt")
     raise ValueError(f"{path!r} holds no saved SAE: expected a run folder (sae.json), a SAELens folder "
                      "(cfg.json + sae_weights.safetensors) or an Apollo .pt file")
 

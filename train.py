@@ -40,7 +40,7 @@ import ddp
 from checkpoint import RunFolder, check_resumable, guarded_step, setup_failed, setup_signals
 from cli import HelpFormatter, nonempty, nonneg_int, one_line_errors, resolve_device
 from logs import Log
-from data import eval_batches, get_batch, load_split, sample_rows
+from data import DEFAULT_CACHE, eval_batches, get_batch, load_split, sample_rows
 from eval import evaluate_many
 from files import write_error
 from losses import (clean_logprobs, downstream_mse, fused_kl_div, kl_chunk_defaults, kl_div, mm_dtype, mse_loss,
@@ -69,13 +69,13 @@ arg = parser.add_argument_group("data").add_argument
 arg("--dataset", type=nonempty, default="apollo-research/Skylion007-openwebtext-tokenizer-gpt2",
     help="hub dataset (input_ids or text column) or a local .txt/.jsonl/.parquet file or folder")
 arg("--ctx", type=int, default=1024, help="tokens per sample")
-arg("--data_dir", type=nonempty, default=os.path.join(os.path.expanduser("~"), ".cache", "nanosae"), help="token cache")
+arg("--data_dir", type=nonempty, default=DEFAULT_CACHE, help="token cache (the environment's NANOSAE_CACHE, if set)")
 arg = parser.add_argument_group("optimisation").add_argument
 arg("--n_samples", type=int, default=400_000, help="training samples (rows of ctx tokens)")
 arg("--batch_size", type=int, default=8, help="micro-batch, in samples")
 arg("--grad_accum", type=int, default=2, help="micro-batches per optimizer step (across all ranks)")
 arg("--lr", type=float, default=5e-4, help="peak learning rate (Adam)")
-arg("--warmup_samples", type=int, default=20_000, help="linear warmup from 0 over this many samples")
+arg("--warmup_samples", type=int, default=20_000, help="linear warmup from 0 over this many samples (5%% of --n_samples)")
 arg("--min_lr_ratio", type=float, default=0.1, help="cosine decay to this fraction of --lr")
 arg("--grad_clip", type=float, default=10.0, help="clip the SAE's grad norm (0: off)")
 arg("--seed", type=nonneg_int, default=0, help="SAE init and batch order")

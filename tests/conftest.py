@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny random GPT-2 written by transformers' save_pretrained (a true HF checkpoint) and a
 small local text corpus. Nothing here touches the network."""
+import atexit
 import os
 import random
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -13,6 +16,9 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
     os.environ["TIKTOKEN_CACHE_DIR"] = _cache
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# every token cache the tests make goes to a folder of this session, never the user's ~/.cache/nanosae
+os.environ["NANOSAE_CACHE"] = tempfile.mkdtemp(prefix="nanosae-tests-")
+atexit.register(shutil.rmtree, os.environ["NANOSAE_CACHE"], True)
 
 WORDS = ("the of and to in is was for on that with as by at from it his an were are which this be or "
          "had not but first one their its new after who they have her she two been other when there all "
@@ -82,3 +88,16 @@ def neo_model_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny-gpt-neo"))
     write_tiny_gpt_neo(path)
     return path
+
+
+def pytest_report_header(config):
+    """The versions the suite runs with, at the top of its output (CI's log)."""
+    import importlib.metadata as md
+    import platform
+    have = []
+    for p in ("torch", "transformers", "datasets", "numpy", "tiktoken", "safetensors", "hypothesis", "wandb"):
+        try:
+            have.append(f"{p} {md.version(p)}")
+        except md.PackageNotFoundError:
+            have.append(f"{p} missing")
+    return "versions: python " + platform.python_version() + " | " + " | ".join(have)

@@ -213,7 +213,7 @@ def test_downstream_and_errors(runs, tmp_path, capsys):
     for argv, words in ((["pareto", str(tmp_path)], ["eval.jsonl"]),
                         (["downstream", runs["local"], "--out", "x.pdf"], ["x.pdf", ".png"]),
                         (["geometry", runs["local"], "--match_cap", "0"], ["--match_cap", "> 0"]),
-                        (["geometry", str(tmp_path / "missing")], ["missing", "no saved SAE"])):
+                        (["geometry", str(tmp_path / "missing")], ["missing", "does not exist"])):
         with pytest.raises(SystemExit) as e:
             analysis.main(argv)
         msg = str(e.value.code)
