@@ -9,7 +9,16 @@ The paper's figures and numbers from run folders (or any source eval.py reads: A
     python analysis.py seeds out/e2e_L6_s0 out/e2e_L6_s1 out/e2e_L6_s2       # seed stability, decoder and encoder
 Every command prints a short table of the numbers the paper reports; --json prints all of them as one JSON
 object instead. pareto and downstream read the last line of each run's eval.jsonl (its final eval);
-`python eval.py SRC --json >> SRC/eval.jsonl` makes one for any SAE.
+`python eval.py SRC --json >> SRC/eval.jsonl` makes one for any SAE. They take run folders, sweep folders, and
+patterns the shell did not expand ('out/*_L6'). scipy (geometry of two SAEs, seeds) and matplotlib (--out) are
+optional: a command that needs a missing one says in one line what to install.
+
+Pareto series: one per loss kind, and one per variant of a kind (variant(), from the run's sae.json), so a
+fine-tuned or ablated run never joins the plain runs' front: "e2e_ds (from local_L6)" (--init_from),
+"e2e_ds ds_layers=next" (--ds_layers not all), "e2e_ds local_frac=0.5" (--local_frac > 0). Each series has its
+own colour and marker; the fronts' runs are named on the plot, labels kept apart. --log puts the L0 and alive
+axes in log scale; --clip Q limits both axes of each panel to the (1 - Q)..Q quantiles of the points and draws
+the points beyond at the edge as open triangles.
 
 Geometry (paper §3.3) on the unit directions u_i of the alive features: the decoder columns D (as the paper)
 and the encoder rows W_e / ‖W_e‖_row (which the paper did not study).
@@ -32,10 +41,24 @@ import sys
 import numpy as np
 import torch
 
-from cli import nonempty, nonneg_int, one_line_errors, positive_int
+from cli import fraction, nonempty, nonneg_int, one_line_errors, positive_int
 
 HIST_BINS = 100  # over [-1, 1]: bins of 0.02
 COLORS = {"local": "tab:blue", "e2e": "tab:red", "e2e_ds": "tab:green"}
+VARIANT_STYLES = [(c, m) for c, m in zip(("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"),
+                                         ("s", "^", "D", "v", "P", "X"))]  # fine-tuned / ablated series
+
+
+def require(module, what, alt=""):
+    """module, imported; ValueError in one line naming what needs it and the pip command when it is missing.
+    scipy (the one-to-one matching, the t-interval) and matplotlib (the plots) are optional: they are imported
+    only where they are used."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pkg = module.split(".")[0]
+        raise ValueError(f"{what} needs {pkg}: pip install {pkg}{alt}") from None
 
 
 def unit_rows(W):
@@ -70,7 +93,7 @@ def matching(U, V, cap=4096, k=8, chunk=1024, seed=0):
     """One-to-one matching of rows of U (n, d) to rows of V (m, d) maximising the summed cosine
     (scipy linear_sum_assignment). Returns dict(mean, pairs, exact, cap, directional_mean (the same U rows' max
     over all of V), rows_u, rows_v (the matched indices))."""
-    from scipy.optimize import linear_sum_assignment
+    linear_sum_assignment = require("scipy.optimize", "the one-to-one matching").linear_sum_assignment
     n, m = U.size(0), V.size(0)
     rng = np.random.default_rng(seed)
     sub = np.arange(n) if n <= cap else np.sort(rng.choice(n, cap, replace=False))
@@ -167,7 +190,7 @@ def _public(info):
 
 def mean_ci(x):
     """Mean of x and its 95% interval, mean ± t₀.₉₇₅(n−1) · sd / √n (None for a single value)."""
-    from scipy.stats import t
+    t = require("scipy.stats", "the t-interval").t
     x = np.asarray(x, dtype=np.float64)
     if x.size < 2:
         return dict(mean=float(x.mean()), ci95=None, n=int(x.size))
@@ -215,12 +238,19 @@ def seeds(paths, alive_from="saved", match_cap=4096, chunk=1024, **eval_kw):
 
 def expand_runs(paths):
     """Run folders, with a sweep folder (train.py with several SAEs: one run folder per SAE inside it)
-    replaced by its run folders."""
+    replaced by its run folders, and a pattern the shell left unexpanded ('out/*_L6') by the paths it matches.
+    ValueError naming a path that does not exist or a pattern that matches nothing."""
+    import glob
     out = []
     for p in paths:
-        subs = sorted(os.path.join(p, d) for d in os.listdir(p) if os.path.isfile(os.path.join(p, d, "sae.json"))) \
-            if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "sae.json")) else []
-        out += subs or [p]
+        found = [p] if os.path.lexists(p) else sorted(glob.glob(p)) if glob.has_magic(p) else []
+        if not found:
+            raise ValueError(f"no folder matches the pattern {p!r}" if glob.has_magic(p) else
+                             f"{p!r} does not exist; give run folders (sae.json and eval.jsonl) or sweep folders")
+        for q in found:
+            subs = sorted(os.path.join(q, d) for d in os.listdir(q) if os.path.isfile(os.path.join(q, d, "sae.json"))) \
+                if os.path.isdir(q) and not os.path.isfile(os.path.join(q, "sae.json")) else []
+            out += subs or [q]
     return out
 
 
@@ -276,8 +306,7 @@ def front(xs, ys):
 
 
 def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
+    require("matplotlib", "a plot (--out)").use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
@@ -288,41 +317,150 @@ def _save(fig, out):
     _plt().close(fig)
 
 
-def pareto(paths, out=None):
-    """L0 and alive against CE increase, one series per loss kind; the JSON has every point and each
-    kind's non-dominated front (lower L0 and lower CE increase; more alive and lower CE increase)."""
+def variant(cfg):
+    """What sets a run apart from a plain run of its kind, from its sae.json: [] for a plain run, else parts of
+    its series label: '(from NAME)' (--init_from: fine-tuned), 'ds_layers=SPEC' (not all), 'local_frac=F' (> 0)."""
+    args = cfg.get("args") or {}
+    init, ds, frac = args.get("init_from", cfg.get("init_from")), args.get("ds_layers"), args.get("local_frac")
+    out = [f"(from {os.path.basename(os.path.normpath(init)) or init})"] if isinstance(init, str) and init else []
+    out += [f"ds_layers={ds}"] if isinstance(ds, str) and ds != "all" else []
+    return out + ([f"local_frac={frac:g}"] if _number(frac) and frac > 0 else [])
+
+
+def pareto(paths, out=None, log=False, clip=None):
+    """L0 and alive against CE increase, one series per loss kind and per variant of it (variant(): fine-tuned or
+    ablated runs are their own series); the JSON has every point and each series' non-dominated front (lower L0
+    and lower CE increase; more alive and lower CE increase)."""
     points = []
     for p in expand_runs(paths):
         cfg, m = final_eval(p, keys=("l0", "alive", "ce_increase"))
-        points.append(dict(run=p, loss=cfg.get("loss", "unknown"), layer=cfg.get("layer"), l0=m["l0"], alive=m["alive"],
-                           alive_tokens=m.get("alive_tokens"), ce_increase=m["ce_increase"], step=m.get("step")))
+        loss = cfg.get("loss") or "unknown"
+        points.append(dict(run=p, loss=loss, series=" ".join([loss] + variant(cfg)), layer=cfg.get("layer"), l0=m["l0"],
+                           alive=m["alive"], alive_tokens=m.get("alive_tokens"), ce_increase=m["ce_increase"],
+                           step=m.get("step")))
     found = {q["loss"] for q in points}
-    by_kind = {k: [q for q in points if q["loss"] == k] for k in [k for k in COLORS if k in found] + sorted(found - set(COLORS))}
-    fronts = {(k, key): [pts[i] for i in front([sign * q[key] for q in pts], [q["ce_increase"] for q in pts])]
-              for k, pts in by_kind.items() for key, sign in (("l0", 1), ("alive", -1))}
-    series = {k: dict(runs=[q["run"] for q in pts], front_l0=[q["run"] for q in fronts[k, "l0"]],
-                      front_alive=[q["run"] for q in fronts[k, "alive"]]) for k, pts in by_kind.items()}
+    kinds = [k for k in COLORS if k in found] + sorted(found - set(COLORS))  # each kind's plain series, then variants
+    names = [n for k in kinds for n in sorted({q["series"] for q in points if q["loss"] == k},
+                                              key=lambda n: (n != k, n))]
+    series = {}
+    for name in names:
+        pts = [q for q in points if q["series"] == name]
+        fr = {key: [pts[i]["run"] for i in front([sign * q[key] for q in pts], [q["ce_increase"] for q in pts])]
+              for key, sign in (("l0", 1), ("alive", -1))}
+        series[name] = dict(loss=pts[0]["loss"], variant=name != pts[0]["loss"], runs=[q["run"] for q in pts],
+                            front_l0=fr["l0"], front_alive=fr["alive"])
+    res = dict(points=points, series=series, out=out, log=log, clip=clip)
     if out:
-        plt = _plt()
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-        for ax, key, better in ((axes[0], "l0", "lower L0"), (axes[1], "alive", "more alive")):
-            for kind, pts in by_kind.items():
-                color = COLORS.get(kind, "tab:gray")
-                ax.scatter([q[key] for q in pts], [q["ce_increase"] for q in pts], color=color, alpha=0.5)
-                ax.plot([q[key] for q in fronts[kind, key]], [q["ce_increase"] for q in fronts[kind, key]], "o-",
-                        color=color, label=f"{kind} ({len(pts)} run{'s' * (len(pts) != 1)})")
-                for q in pts if len(points) <= 12 else []:  # name the runs while that stays readable
-                    ax.annotate(os.path.basename(os.path.normpath(q["run"])), (q[key], q["ce_increase"]),
-                                fontsize=7, xytext=(4, 4), textcoords="offset points")
-            ax.set_xlabel("L0 (active features per token)" if key == "l0" else "alive dictionary elements")
-            ax.set_ylabel("CE loss increase")
-            ax.set_title(f"lines: non-dominated front ({better}, lower CE increase)", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.suptitle(f"L0 and alive dictionary elements vs CE increase, by loss kind (layer "
-                     f"{', '.join(sorted({str(q['layer']) for q in points}))})")
-        _save(fig, out)
-    return dict(points=points, series=series, out=out)
+        plot_pareto(res, out)
+    return res
+
+
+def series_styles(series):
+    """{name: (colour, marker)}: a plain kind its COLORS entry and circles, each variant series its own pair."""
+    styles, k = {}, 0
+    for name, s in series.items():
+        if s["variant"] or s["loss"] not in COLORS:
+            styles[name], k = VARIANT_STYLES[k % len(VARIANT_STYLES)], k + 1
+        else:
+            styles[name] = (COLORS[s["loss"]], "o")
+    return styles
+
+
+def clip_limits(values, q, log=False):
+    """Axis limits (lo, hi) holding the (1 - q)..q quantiles of values, with a 5% margin (log: in log10 space)."""
+    v = np.asarray([x for x in values if x > 0 or not log], dtype=np.float64)
+    if v.size == 0:
+        return None
+    v = np.log10(v) if log else v
+    lo, hi = np.quantile(v, [1 - q, q])
+    pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1.0)                   # all equal: a margin all the same
+    lo, hi = lo - pad, hi + pad
+    return (10 ** lo, 10 ** hi) if log else (lo, hi)
+
+
+def plot_pareto(res, out):
+    """The two panels of pareto(): every series' points, its front as a line, the front's runs named (labels kept
+    apart), --log x axes, --clip Q limits with the points beyond drawn at the edge as open triangles."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    styles, points, labels = series_styles(res["series"]), res["points"], []
+    for ax, key, better in ((axes[0], "l0", "lower L0"), (axes[1], "alive", "more alive")):
+        if res["log"]:
+            ax.set_xscale("log")
+        lim = [clip_limits([q[k] for q in points], res["clip"], res["log"] and k == key) if res["clip"] else None
+               for k in (key, "ce_increase")]
+        names, spots = [], []
+        for name, s in res["series"].items():
+            color, marker = styles[name]
+            pts = [q for q in points if q["series"] == name]
+            xy = [edge((q[key], q["ce_increase"]), lim) for q in pts]
+            ax.scatter([p[0] for p, _ in xy], [p[1] for p, _ in xy], color=color, marker=marker, alpha=0.5)
+            for (x, y), side in xy:
+                if side:
+                    ax.scatter([x], [y], marker=side, s=90, facecolors="none", edgecolors=color, clip_on=False)
+            fr = set(s[f"front_{key}"])
+            line = sorted((p for p, q in zip(xy, pts) if q["run"] in fr), key=lambda p: p[0][0])
+            ax.plot([p[0][0] for p in line], [p[0][1] for p in line], "-", marker=marker, color=color,
+                    label=f"{name} ({len(pts)} run{'s' * (len(pts) != 1)})")
+            names += [os.path.basename(os.path.normpath(q["run"])) for q in pts if q["run"] in fr]
+            spots += [p[0] for p, q in zip(xy, pts) if q["run"] in fr]
+        for axis, lm in zip((ax.set_xlim, ax.set_ylim), lim):
+            if lm:
+                axis(*lm)
+        ax.set_xlabel(("L0 (active features per token)" if key == "l0" else "alive dictionary elements")
+                      + (", log scale" if res["log"] else ""))
+        ax.set_ylabel("CE loss increase")
+        ax.set_title(f"lines: non-dominated front ({better}, lower CE increase)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        labels.append((ax, spots, names))
+    fig.suptitle(f"L0 and alive dictionary elements vs CE increase, by series (layer "
+                 f"{', '.join(sorted({str(q['layer']) for q in points}))})" + (
+                     f"\nopen triangles: points beyond the axes, which span the "
+                     f"{1 - res['clip']:.3g}..{res['clip']:.3g} quantiles (--clip)" if res["clip"] else ""))
+    fig.tight_layout()  # the final layout first: labels are placed in its pixels and left out of the next one
+    for ax, spots, names in labels:
+        if len(spots) <= 24:  # name the fronts' runs while that stays readable
+            label_points(ax, spots, names)
+    _save(fig, out)
+
+
+def edge(xy, lim):
+    """(the point moved onto the axis limits lim [(lo, hi) or None, x then y], the triangle marker pointing the way
+    it was moved, or None)."""
+    out, side = list(xy), None
+    for i, lm in enumerate(lim):
+        if lm and not lm[0] <= out[i] <= lm[1]:
+            low = out[i] < lm[0]
+            out[i] = lm[0] if low else lm[1]
+            side = ("<" if low else ">") if i == 0 else ("v" if low else "^")
+    return tuple(out), side
+
+
+def label_points(ax, xy, texts, fontsize=7):
+    """Name the points xy with texts, each just above and right of its point (left of it at the right edge),
+    moved up one line at a time until its box overlaps no label placed before it, with a thin line to its point
+    when moved. Returns the annotations."""
+    renderer, placed, out = ax.figure.canvas.get_renderer(), [], []
+
+    def put(i, dy, left, line=False):
+        a = ax.annotate(texts[i], xy[i], xytext=(-4 if left else 4, dy), textcoords="offset points",
+                        fontsize=fontsize, ha="right" if left else "left",
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if line else None)
+        a.set_in_layout(False)
+        return a, a.get_window_extent(renderer)
+    for i in sorted(range(len(xy)), key=lambda i: (xy[i][1], xy[i][0])):
+        for dy in range(3, 3 + 40 * (fontsize + 1), fontsize + 1):
+            a, box = put(i, dy, left=False)
+            if box.x1 > ax.bbox.x1:                           # past the right edge: left of the point
+                a.remove()
+                a, box = put(i, dy, left=True)
+            a.remove()
+            if not any(box.overlaps(b) for b in placed):
+                break
+        placed.append(box)
+        out.append(put(i, dy, a.get_horizontalalignment() == "right", line=dy > 3)[0])
+    return out
 
 
 def downstream(paths, out=None):
@@ -398,14 +536,14 @@ def format_seeds(res):
 
 
 def format_pareto(res):
-    """One row per run: its final eval's L0, alive, CE increase, and which fronts of its loss kind it is on."""
-    rows = [["run", "loss", "layer", "l0", "alive", "ce_increase", "front"]]
+    """One row per run: its final eval's L0, alive, CE increase, and which fronts of its series it is on."""
+    rows = [["run", "series", "layer", "l0", "alive", "ce_increase", "front"]]
     for q in res["points"]:
-        s = res["series"][q["loss"]]
+        s = res["series"][q["series"]]
         on = [k for k in ("l0", "alive") if q["run"] in s[f"front_{k}"]]
-        rows.append([q["run"], q["loss"], str(q["layer"]), f"{q['l0']:.2f}", str(q["alive"]), f"{q['ce_increase']:.4f}",
+        rows.append([q["run"], q["series"], str(q["layer"]), f"{q['l0']:.2f}", str(q["alive"]), f"{q['ce_increase']:.4f}",
                      ", ".join(on) or "-"])
-    return "\n".join([table(rows), "front: non-dominated within its loss kind (l0: lower L0 and lower CE increase; "
+    return "\n".join([table(rows), "front: non-dominated within its series (l0: lower L0 and lower CE increase; "
                       "alive: more alive and lower CE increase)"] + ([f"plot: {res['out']}"] if res["out"] else []))
 
 
@@ -444,7 +582,19 @@ def plot_geometry(res, out):
     _save(fig, out)
 
 
-def main(argv=None):
+def needs(args):
+    """[(module, what needs it, the alternative)]: the optional packages (require) this command line uses."""
+    out = []
+    if args.cmd == "seeds":
+        out.append(("scipy", "seeds (the one-to-one matching and the t-interval)", ""))
+    if args.cmd == "geometry" and args.run_b is not None:
+        out.append(("scipy", "geometry of two SAEs (the one-to-one matching)", ""))
+    if getattr(args, "out", None) is not None:
+        out.append(("matplotlib", f"{args.cmd} --out (the plot)", ", or leave out --out"))
+    return out
+
+
+def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description="The paper's figures and numbers from run folders.", formatter_class=fmt)
     one_line_errors(parser, "analysis.py")
@@ -478,15 +628,30 @@ def main(argv=None):
     sd.add_argument("--chunk", type=positive_int, default=1024, help="rows per block of similarities")
     for name in ("pareto", "downstream"):
         p = sub.add_parser(name, help="Fig. 1" if name == "pareto" else "Fig. 2", formatter_class=fmt)
-        p.add_argument("runs", nargs="+", type=nonempty, help="run folders, each with sae.json and eval.jsonl")
+        p.add_argument("runs", nargs="+", type=nonempty,
+                       help="run folders, each with sae.json and eval.jsonl, sweep folders, or a quoted pattern")
         p.add_argument("--out", type=nonempty, default=None, help="write the plot to this PNG")
+    sub.choices["pareto"].add_argument("--log", action="store_true", help="the plot's L0 and alive axes in log scale")
+    sub.choices["pareto"].add_argument("--clip", type=fraction, default=None, metavar="Q",
+                                       help="the plot's axes span the (1 - Q)..Q quantiles of the points (0.5 < Q "
+                                       "<= 1); points beyond are drawn at the edge; if unset, every point")
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print every number as one JSON object, not a table")
         p.error = parser.error
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         if getattr(args, "out", None) is not None and not args.out.endswith(".png"):
             raise ValueError(f"--out {args.out!r} must end in .png")
+        if getattr(args, "clip", None) is not None and not args.clip > 0.5:
+            raise ValueError(f"--clip must be in (0.5, 1], got {args.clip:g}: the axes span the (1 - Q)..Q quantiles")
+        if args.cmd == "pareto" and args.out is None and (args.log or args.clip is not None):
+            raise ValueError(f"{'--log' if args.log else '--clip'} shapes the plot; give --out PLOT.png too")
+        for module, what, alt in needs(args):  # before any work: one line naming what to install
+            require(module, what, alt)
         if args.cmd == "geometry":
             res = geometry(args.run_a, args.run_b, args.alive_from, args.match_cap, args.chunk, args.n_boot,
                            alive_tokens=args.alive_tokens, model_name=args.model, dataset=args.dataset, ctx=args.ctx,
@@ -496,8 +661,10 @@ def main(argv=None):
             res["out"] = args.out
         elif args.cmd == "seeds":
             res = seeds(args.runs, args.alive_from, args.match_cap, args.chunk)
+        elif args.cmd == "pareto":
+            res = pareto(args.runs, args.out, args.log, args.clip)
         else:
-            res = (pareto if args.cmd == "pareto" else downstream)(args.runs, args.out)
+            res = downstream(args.runs, args.out)
     except (ValueError, OSError) as e:
         sys.exit(f"analysis.py: error: {e}")
     fmt = dict(geometry=format_geometry, seeds=format_seeds, pareto=format_pareto, downstream=format_downstream)[args.cmd]

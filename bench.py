@@ -64,7 +64,7 @@ parser.add_argument("--compile", action="store_true",
 parser.add_argument("--naive", action="store_true", help="also run the reference's way, side by side")
 parser.add_argument("--n_sae", type=positive_int, default=1, help="also time one sweep step of this many SAEs (K > 1)")
 parser.add_argument("--no_kl_share", action="store_true", help="in the sweep, recompute the clean side of the KL per SAE")
-parser.add_argument("--json", action="store_true", help="print only the JSON lines")
+parser.add_argument("--json", action="store_true", help="print one JSON line per measurement instead of the table")
 parser.add_argument("--profile", type=int, default=0, metavar="K",
                     help="also profile one step after the timed ones and print its top K ops by self time "
                          "(CUDA: kernel time), per (loss, path)")
@@ -184,21 +184,8 @@ def profile_step(step, device, k):
     return [(e.key[:90], us / 1000, us / total, e.count) for e, us in rows]
 
 
-def main():
-    args = parser.parse_args()
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as e:
-        sys.exit(f"bench.py: error: {e}")
-    if args.worker:
-        loss, path = args.worker.split(":")
-        if args.device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            print(json.dumps(measure(args, loss, path)))
-        except ValueError as e:
-            sys.exit(str(e))  # the parent reports this last line of stderr
-        return
+def check(args):
+    """One line on a flag combination the workers would fail on (exits)."""
     if not 0 <= args.layer < args.n_layer:
         sys.exit(f"bench.py: error: --layer {args.layer} is outside 0..{args.n_layer - 1}")
     if args.loss in ("e2e_ds", "all") and args.layer == args.n_layer - 1:
@@ -213,24 +200,22 @@ def main():
                    what=f"--dict_ratio {args.dict_ratio:g}")
     except ValueError as e:
         sys.exit(f"bench.py: error: {e}")
-    losses = ["local", "e2e", "e2e_ds"] if args.loss == "all" else [args.loss]
-    rows = []
-    for loss in losses:
-        for path in ["fast"] + ["naive"] * args.naive + ["sweep"] * (args.n_sae > 1):
-            if path == "naive" and loss == "local":
-                continue  # the same step as fast for local runs
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", f"{loss}:{path}",
-                                "--device", args.device], capture_output=True, text=True)
-            if p.returncode != 0:
-                sys.exit(f"bench.py: error: {loss}/{path} failed: {p.stderr.strip().splitlines()[-1]}")
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            rows.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
-    if args.json:
-        return
+
+
+def run_worker(argv, loss, path, device):
+    """One (loss, path) measurement in a fresh process (this file with --worker): its JSON dict."""
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", f"{loss}:{path}",
+                        "--device", device], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"bench.py: error: {loss}/{path} failed: {(p.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows, args):
+    """The measurements as a table (stdout), then each profile when --profile."""
     neo = f" (GPT-Neo, window {args.window_size})" if args.arch == "gpt_neo" else ""
     shape = f"{args.n_layer}L{neo} d{args.n_embd} V{args.vocab_size} ctx {args.ctx} batch {args.batch_size} layer {args.layer} ratio {args.dict_ratio:g}"
-    print(f"\n{shape} | {rows[0]['device']} {args.dtype}{' compile' if args.compile else ''} | "
+    print(f"{shape} | {rows[0]['device']} {args.dtype}{' compile' if args.compile else ''} | "
           f"matmul {rows[0]['matmul_gflops']:.0f} GFLOP/s | {rows[0]['threads']} threads")
     print(f"{'loss':8s} {'path':9s} {'s/step':>8s} {'tok/s':>9s} {'peak MB':>8s} {'MFU':>6s} {'speed-up':>8s} "
           f"{'time/single':>11s} {'mem/single':>10s}")
@@ -241,13 +226,44 @@ def main():
               if r["path"] == "sweep" else "")
         path = f"sweep x{r['n_sae']}" if r["path"] == "sweep" else r["path"]
         print(f"{r['loss']:8s} {path:9s} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_mem_mb']:8.0f} "
-              f"{r['mfu']:6.2f} {gain:>8s} {vs}")
+              f"{r['mfu']:6.2f} {gain:>8s} {vs}".rstrip())
     for r in rows if args.profile else []:
         print(f"\nprofile of one {r['loss']} {r['path']} step: top {args.profile} by self "
               f"{'GPU' if r['device'].startswith('cuda') else 'CPU'} time")
         print(f"{'ms':>8s} {'share':>6s} {'calls':>6s}  name")
         for name, ms, share, calls in r["profile"]:
             print(f"{ms:8.2f} {share:6.1%} {calls:6d}  {name}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        sys.exit(f"bench.py: error: {e}")
+    if args.worker:
+        loss, path = args.worker.split(":")
+        if args.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            print(json.dumps(measure(args, loss, path)))
+        except ValueError as e:
+            sys.exit(str(e))  # the parent reports this last line of stderr
+        return
+    check(args)
+    losses = ["local", "e2e", "e2e_ds"] if args.loss == "all" else [args.loss]
+    todo = [(loss, path) for loss in losses for path in ["fast"] + ["naive"] * args.naive + ["sweep"] * (args.n_sae > 1)
+            if not (path == "naive" and loss == "local")]  # naive is the same step as fast for local runs
+    rows, t0 = [], time.time()
+    for i, (loss, path) in enumerate(todo):
+        rows.append(run_worker(argv, loss, path, args.device))
+        print(f"bench.py: {loss} {path} {rows[-1]['s_per_step']:.3f} s/step ({i + 1}/{len(todo)}) | "
+              f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if args.json:  # stdout: the JSON lines as they come, or only the table at the end
+            print(json.dumps(rows[-1]), flush=True)
+    if not args.json:
+        print_table(rows, args)
 
 
 if __name__ == "__main__":

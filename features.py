@@ -8,8 +8,13 @@ Then open DIR/index.html (file://: no server, no network, inline CSS and JS only
 
 RUN is any source eval.py reads (run folder, Apollo .pt + .yaml, SAELens folder); model, dataset and ctx come
 from the flags, else the source's record (eval.prepare). Tokens: the first ⌈N / ctx⌉ rows of eval.prepare's
-held-out rows (its eval rows, then its extra rows; notes on stderr say when fewer exist or they may overlap
-training). For feature i at token t, c_i(t) = ReLU(W_e[i]·x_t + b_e[i]) with x_t the residual entering block L:
+held-out rows (its eval rows, then its extra rows; notes on stderr say when they may overlap training, and one
+note when there are fewer than --n_tokens: a run trained on a local file has only its eval rows held out, all
+the rest of the file was in its training pool, so --dataset OTHER_FILE is how to read more held-out text).
+Progress goes to stderr as eval.py's does (`features.py: collect RUN 120/500 batches | 12s | eta 38s`, at each
+tenth and at least every 30 s; the same for writing the pages once that has taken PAGES_QUIET_S); stdout holds
+the collection's summary line and the site's path.
+For feature i at token t, c_i(t) = ReLU(W_e[i]·x_t + b_e[i]) with x_t the residual entering block L:
     freq_i      #{t : c_i(t) > 0} / N                              (features with freq 0 are dead)
     max_i       max_t c_i(t)
     contexts    the k rows with the largest row maximum of c_i (one context per row, rows where it fired),
@@ -35,6 +40,8 @@ Compare (--compare B): both sources are collected on the same flags, then the un
 directions and of its encoder rows, and both features' contexts side by side; unmatched alive features of
 each side and dead ones are listed. DIR/a and DIR/b are each one source's full site.
 
+The pages name the source, model and dataset as given for hub ids, and by their last part for local paths
+(the run folder's name, the file's name): a site holds no folder of the user's machine.
 The site: DIR/index.html, a table of the alive features sorted by a click on a header (or index.html#sort=C,
 C the column), --page_rows rows at a time, each row an element with data-feature=ID, then the dead features
 as ranges; views DIR/f/NNNN.html#ID with NNNN = ID // PER (PER features a file); DIR/site.json, the numbers.
@@ -112,11 +119,13 @@ def merge_top(s, rmax, rpos, row_ids, x, sae, offsets):
 
 
 @torch.no_grad()
-def collect(model, sae, layer, rows, k=20, before=12, after=4, batch_size=8, chunk=2 ** 22, device="cpu"):
+def collect(model, sae, layer, rows, k=20, before=12, after=4, batch_size=8, chunk=2 ** 22, device="cpu",
+            progress=None):
     """Per-feature statistics of the module docstring over token rows (R, T). A dict of CPU tensors: val, row,
     pos (k, F) (the top-k row maxima, descending; val 0 and row -1 where fewer rows fired), win (k, F, W) (c_i
     at row positions pos - before .. pos + after, NaN outside the row), hist (F, BINS) int64, hi (F,), counts
-    (F,), and tokens, seconds."""
+    (F,), and tokens, seconds. progress: None, or a callable given the number of batches done after each one
+    (eval.progress_printer)."""
     from data import get_batch
     F, W, (R, T) = sae.n_dict, before + after + 1, rows.shape
     s = dict(val=torch.zeros(k, F, device=device), row=torch.full((k, F), -1, dtype=torch.long, device=device),
@@ -127,7 +136,7 @@ def collect(model, sae, layer, rows, k=20, before=12, after=4, batch_size=8, chu
     g = max(1, chunk // (T * F))                                          # rows per slice of activations,
     t = T if chunk >= T * F else max(1, chunk // F)                       # or tokens of one row per slice
     t0 = time.time()
-    for r0 in range(0, R, batch_size):
+    for i, r0 in enumerate(range(0, R, batch_size)):
         row_ids = torch.arange(r0, min(R, r0 + batch_size), device=device)
         x = model.forward_to_layer(get_batch(rows, row_ids.cpu().numpy(), device), layer)  # (B, T, C)
         rmax = torch.zeros(x.size(0), F, device=device)
@@ -141,6 +150,8 @@ def collect(model, sae, layer, rows, k=20, before=12, after=4, batch_size=8, chu
                 rpos[b0:b0 + g] = torch.where(better, p + s0, rpos[b0:b0 + g])
                 add_hist(hist, hi, c.reshape(-1, F), v.max(0).values)
         merge_top(s, rmax, rpos, row_ids, x, sae, offsets)
+        if progress:
+            progress(i + 1)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     out = {key: v.cpu() for key, v in dict(s, hist=hist, hi=hi, counts=hist.sum(1)).items()}
@@ -173,17 +184,19 @@ def output_effect(model, sae, n=10, chunk=256):
 
 def gather(source, n_tokens=1_000_000, k=20, before=12, after=4, n_logits=10, batch_size=8, chunk=2 ** 22,
            device="cpu", **prep_kw):
-    """collect() and output_effect() for one source on its held-out rows; adds rows, info, layer, effect."""
-    from eval import prepare
+    """collect() and output_effect() for one source on its held-out rows; adds rows, info, layer, effect.
+    Notes (stderr) say when the rows may overlap training and when fewer tokens exist than --n_tokens."""
+    from eval import prepare, progress_printer
     p = prepare(source, alive_tokens=n_tokens, device=device, **prep_kw)
     for note in p["notes"]:
-        print(f"features.py: note: {source}: {note}", file=sys.stderr)
+        if not note.startswith(EVAL_ALIVE_NOTE):  # it names eval.py's flag; short_note() below says it our way
+            print(f"features.py: note: {source}: {note}", file=sys.stderr)
     ctx = p["info"]["ctx"]
     rows = np.concatenate([p["eval_rows"], p["extra_rows"]])[:-(-n_tokens // ctx)]
     if len(rows) * ctx < n_tokens:
-        print(f"features.py: note: {source}: {len(rows) * ctx} held-out tokens, not --n_tokens {n_tokens}",
-              file=sys.stderr)
-    st = collect(p["model"], p["sae"], p["cfg"]["layer"], rows, k, before, after, batch_size, chunk, device)
+        print(f"features.py: note: {source}: {short_note(p, len(rows) * ctx, n_tokens)}", file=sys.stderr)
+    tick = progress_printer(f"features.py: collect {source}", -(-len(rows) // batch_size)) if len(rows) else None
+    st = collect(p["model"], p["sae"], p["cfg"]["layer"], rows, k, before, after, batch_size, chunk, device, tick)
     st.update(effect=output_effect(p["model"], p["sae"], n_logits), rows=rows, before=before,
               info=dict(p["info"], layer=p["cfg"]["layer"], n_dict=p["sae"].n_dict,
                         vocab_size=p["model"].config.vocab_size))
@@ -194,6 +207,21 @@ def gather(source, n_tokens=1_000_000, k=20, before=12, after=4, n_logits=10, ba
     print(f"{source}: {st['tokens']:,} tokens in {st['seconds']:.1f}s, {st['tokens'] / st['seconds']:,.0f} tokens/s "
           f"| alive {alive}/{p['sae'].n_dict}")
     return st
+
+
+EVAL_ALIVE_NOTE = "alive counted over"  # eval.plan_rows' note on too few rows: it names eval.py's flag, not ours
+
+
+def short_note(p, got, asked):
+    """The one note on fewer held-out tokens than --n_tokens: how many, and why (eval.plan_rows' cases)."""
+    run, info = p["cfg"].get("args", {}), p["info"]
+    dataset = info["dataset"]
+    own_local = ("n_samples" in run and "eval_samples" in run and dataset == run.get("dataset")
+                 and info["ctx"] == run.get("ctx") and os.path.exists(dataset))
+    why = (f"the run trained on the local file {dataset!r}, all of it in its training pool but its "
+           f"{len(p['eval_rows'])} held-out eval rows; --dataset OTHER_FILE gives more held-out text" if own_local
+           else f"dataset {dataset!r} has no more rows; --dataset OTHER_FILE gives more text")
+    return f"collected over {got:,} tokens, not the --n_tokens {asked:,} asked for: {why}"
 
 
 # ----------------------------------------------------------------------------- the site
@@ -255,17 +283,46 @@ def ranges(ids):
     return ", ".join(out)
 
 
+def shown(name):
+    """How a page names a source, model or dataset: a local path (or any absolute one) by its last part, so no
+    page holds the user's folders; a hub id as given."""
+    local = os.path.isabs(name) or name.startswith("~") or os.path.exists(name)
+    return os.path.basename(os.path.normpath(name)) or name if local else name
+
+
+def public(info):
+    """info with its source, model and dataset as shown() names them: what a page and site.json hold."""
+    return dict(info, **{k: shown(info[k]) for k in ("source", "model", "dataset") if isinstance(info.get(k), str)})
+
+
+PAGES_QUIET_S = 5.0  # writing the pages prints progress only once it has taken this long
+
+
+def pages_progress(n_files, what):
+    """A progress callable for writing n_files page files: eval.progress_printer's lines, silent for the first
+    PAGES_QUIET_S seconds (a small site prints nothing)."""
+    from eval import progress_printer
+    t0, tick = time.time(), progress_printer(f"features.py: writing the pages of {what},", n_files)
+
+    def progress(done):
+        if time.time() - t0 >= PAGES_QUIET_S:
+            tick(done)
+    return progress
+
+
 def write_site(out, st, title, page_rows=100):
     """DIR/index.html, DIR/f/NNNN.html (features id // PER) and DIR/site.json for one source."""
     tok = vocab(st["info"]["vocab_size"])
     alive = (st["counts"] > 0).nonzero().squeeze(1).tolist()
-    meta = dict(st["info"], title=title)
-    rows = []
-    for s, ids in itertools.groupby(alive, key=lambda i: i // PER):
-        recs = records(st, list(ids), tok)
+    meta = dict(public(st["info"]), title=title)
+    rows, shards = [], [(s, list(ids)) for s, ids in itertools.groupby(alive, key=lambda i: i // PER)]
+    tick = pages_progress(len(shards), f"{len(alive):,} features")
+    for n, (s, ids) in enumerate(shards):
+        recs = records(st, ids, tok)
         page(os.path.join(out, "f", f"{s:04d}.html"), f"{title}: features {s * PER}-{s * PER + PER - 1}",
              dict(kind="features", meta=meta, features=recs, per=PER))
         rows += [[r["id"], r["freq"], r["max"], r["q"][0], r["pro"][:3]] for r in recs]
+        tick(n + 1)
     dead = sorted(set(range(st["info"]["n_dict"])) - set(alive))
     page(os.path.join(out, "index.html"), title, dict(kind="index", meta=meta, rows=rows, per=PER, page=page_rows,
                                                       dead=ranges(dead), n_dead=len(dead)))
@@ -281,7 +338,7 @@ def compare(a, b, out, match_cap=4096, page_rows=100, **kw):
     sts, toks = [], []
     for side, src in (("a", a), ("b", b)):
         sts.append(gather(src, **kw))
-        toks.append(write_site(os.path.join(out, side), sts[-1], f"{side.upper()}: {src}", page_rows))
+        toks.append(write_site(os.path.join(out, side), sts[-1], f"{side.upper()}: {shown(src)}", page_rows))
     alive = [(st["counts"] > 0).nonzero().squeeze(1) for st in sts]
     dirs = [load_directions(src, alive_from="all")[0] for src in (a, b)]
     (U, EU), (V, EV) = ((d["decoder"][al], d["encoder"][al]) for d, al in zip(dirs, alive))
@@ -290,8 +347,9 @@ def compare(a, b, out, match_cap=4096, page_rows=100, **kw):
     dec, enc = (U[ru] * V[rv]).sum(1), (EU[ru] * EV[rv]).sum(1)
     order = dec.argsort(descending=True)                                  # pair J: the J-th highest decoder cosine
     ia, ib, dec, enc = alive[0][ru][order], alive[1][rv][order], dec[order].tolist(), enc[order].tolist()
-    info = dict(a=sts[0]["info"], b=sts[1]["info"], matching={k: v for k, v in m.items() if not k.startswith("rows_")})
-    rows = []
+    info = dict(a=public(sts[0]["info"]), b=public(sts[1]["info"]),
+                matching={k: v for k, v in m.items() if not k.startswith("rows_")})
+    rows, tick = [], pages_progress(-(-len(ia) // PER), f"{len(ia):,} pairs")
     for s in range(0, len(ia), PER):
         ra, rb = records(sts[0], ia[s:s + PER], toks[0]), records(sts[1], ib[s:s + PER], toks[1])
         pairs = [dict(j=s + n, a=x, b=y, dec=r3(dec[s + n]), enc=r3(enc[s + n]))
@@ -300,8 +358,9 @@ def compare(a, b, out, match_cap=4096, page_rows=100, **kw):
              dict(kind="pairs", meta=info, pairs=pairs, per=PER))
         rows += [[p["j"], x["id"], y["id"], p["dec"], p["enc"], x["freq"], y["freq"], x["max"], y["max"]]
                  for p, x, y in zip(pairs, ra, rb)]
+        tick(s // PER + 1)
     left = [sorted(set(al.tolist()) - set(i.tolist())) for al, i in zip(alive, (ia, ib))]
-    page(os.path.join(out, "index.html"), f"{a} vs {b}", dict(
+    page(os.path.join(out, "index.html"), f"{shown(a)} vs {shown(b)}", dict(
         kind="compare", meta=info, rows=rows, per=PER, page=page_rows, unmatched=[ranges(x) for x in left],
         n_unmatched=[len(x) for x in left], n_dead=[st["info"]["n_dict"] - st["info"]["alive"] for st in sts]))
     with open(os.path.join(out, "site.json"), "w") as f:
@@ -339,7 +398,7 @@ def missing_top(path):
     return top
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="A static feature browser for an SAE, or two side by side.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run", metavar="RUN", type=nonempty,
@@ -369,11 +428,17 @@ def main(argv=None):
     parser.add_argument("--chunk", type=positive_int, default=2 ** 22,
                         help="tokens x features of activations at a time")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    one_line_errors(parser, "features.py")
-    args = parser.parse_args(argv)
+    return one_line_errors(parser, "features.py")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     from interop import source_format
     try:
         device = resolve_device(args.device)
+        if args.compare is not None:
+            from analysis import require
+            require("scipy", "--compare (its one-to-one matching)")
         for src in [args.run] + ([args.compare] if args.compare is not None else []):
             source_format(src)
         if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -389,7 +454,7 @@ def main(argv=None):
             if args.compare is not None:
                 compare(args.run, args.compare, tmp, args.match_cap, args.page_rows, **kw)
             else:
-                write_site(tmp, gather(args.run, **kw), args.run, args.page_rows)
+                write_site(tmp, gather(args.run, **kw), shown(args.run), args.page_rows)
             keep_others(args.out, tmp)
         made = missing_top(args.out)
         try:

@@ -90,24 +90,125 @@ def test_front():
     assert front(xs, ys) == [0, 1, 3]  # (3, 4) is dominated by (2, 3); (2.5, 3) ties y with (2, 3)
 
 
+def fake_run(path, loss, l0, ce, alive, **args):
+    """A run folder with only sae.json (its loss, layer 6 and args) and an eval.jsonl whose last line counts."""
+    os.makedirs(path)
+    json.dump(dict(loss=loss, layer=6, args=args), open(os.path.join(path, "sae.json"), "w"))
+    with open(os.path.join(path, "eval.jsonl"), "w") as f:
+        f.write(json.dumps(dict(l0=99, ce_increase=9, alive=1)) + "\n")  # an earlier eval: ignored
+        f.write(json.dumps(dict(l0=l0, ce_increase=ce, alive=alive)) + "\n")
+    return str(path)
+
+
 def test_pareto_fronts_per_kind(tmp_path):
-    def fake_run(name, loss, l0, ce, alive):
-        os.makedirs(tmp_path / name)
-        json.dump(dict(loss=loss, layer=6), open(tmp_path / name / "sae.json", "w"))
-        with open(tmp_path / name / "eval.jsonl", "w") as f:
-            f.write(json.dumps(dict(l0=99, ce_increase=9, alive=1)) + "\n")  # an earlier eval: ignored
-            f.write(json.dumps(dict(l0=l0, ce_increase=ce, alive=alive)) + "\n")
-        return str(tmp_path / name)
-    r1, r2, r3 = fake_run("r1", "local", 10, 0.1, 100), fake_run("r2", "local", 20, 0.05, 50), fake_run("r3", "local", 30, 0.2, 200)
-    e1 = fake_run("e1", "e2e", 5, 0.3, 10)
+    r1, r2, r3 = (fake_run(tmp_path / n, "local", *v) for n, v in (("r1", (10, 0.1, 100)), ("r2", (20, 0.05, 50)),
+                                                                  ("r3", (30, 0.2, 200))))
+    e1 = fake_run(tmp_path / "e1", "e2e", 5, 0.3, 10, ds_layers="all", local_frac=0.0, init_from=None)  # plain
     res = analysis.pareto([r1, r2, r3, e1])
-    assert res["series"]["local"] == dict(runs=[r1, r2, r3], front_l0=[r1, r2], front_alive=[r3, r1, r2])
-    assert res["series"]["e2e"]["front_l0"] == [e1] and res["points"][0]["l0"] == 10
+    assert res["series"]["local"] == dict(loss="local", variant=False, runs=[r1, r2, r3], front_l0=[r1, r2],
+                                          front_alive=[r3, r1, r2])
+    assert list(res["series"]) == ["local", "e2e"] and res["series"]["e2e"]["front_l0"] == [e1]
+    assert res["points"][0]["l0"] == 10
     rows = [line.split() for line in analysis.format_pareto(res).splitlines()]
-    assert rows[0] == ["run", "loss", "layer", "l0", "alive", "ce_increase", "front"]
+    assert rows[0] == ["run", "series", "layer", "l0", "alive", "ce_increase", "front"]
     assert rows[1:5] == [[r1, "local", "6", "10.00", "100", "0.1000", "l0,", "alive"],
                          [r2, "local", "6", "20.00", "50", "0.0500", "l0,", "alive"],
                          [r3, "local", "6", "30.00", "200", "0.2000", "alive"], [e1, "e2e", "6", "5.00", "10", "0.3000", "l0,", "alive"]]
+
+
+def test_pareto_variants_are_their_own_series(tmp_path, capsys):
+    """A fine-tuned run (--init_from) and ablations (--ds_layers, --local_frac) are series of their own, with their
+    own fronts: the fine-tuned run, better than every plain e2e_ds run, takes none of them off the plain front."""
+    plain = [fake_run(tmp_path / f"e2e_ds_l{i}", "e2e_ds", l0, ce, 300, ds_layers="all", local_frac=0.0)
+             for i, (l0, ce) in enumerate(((5, 0.05), (3, 0.08)))]
+    ft = fake_run(tmp_path / "ft", "e2e_ds", 2, 0.01, 310, init_from="/home/someone/out/local_L6", ds_layers="all")
+    nxt = fake_run(tmp_path / "next", "e2e_ds", 6, 0.045, 310, ds_layers="next")
+    mixed = fake_run(tmp_path / "mixed", "e2e_ds", 6.1, 0.046, 310, local_frac=0.5)
+    far = fake_run(tmp_path / "local_far", "local", 5000, 3.0, 5)
+    png = str(tmp_path / "p.png")
+    analysis.main(["pareto", str(tmp_path / "*"), "--out", png, "--log", "--clip", "0.9", "--json"])  # a pattern
+    res = json.loads(capsys.readouterr().out)
+    assert {k: (v["runs"], v["variant"], v["front_l0"]) for k, v in res["series"].items()} == {
+        "local": ([far], False, [far]), "e2e_ds": (plain, False, plain[::-1]),
+        "e2e_ds (from local_L6)": ([ft], True, [ft]), "e2e_ds ds_layers=next": ([nxt], True, [nxt]),
+        "e2e_ds local_frac=0.5": ([mixed], True, [mixed])}
+    assert list(res["series"])[:2] == ["local", "e2e_ds"] and res["log"] and res["clip"] == 0.9
+    assert {q["run"]: q["series"] for q in res["points"]}[ft] == "e2e_ds (from local_L6)"
+    styles = analysis.series_styles(res["series"])
+    assert len(set(styles.values())) == 5                                          # a colour and marker each
+    import matplotlib.image
+    assert matplotlib.image.imread(png).std() > 0.05
+    for flags in (["--log"], ["--clip", "0.95"], []):
+        os.remove(png)
+        analysis.main(["pareto", str(tmp_path), "--out", png, *flags])
+        assert os.path.getsize(png) > 10_000 and "e2e_ds ds_layers=next" in capsys.readouterr().out
+    for argv, msg in ((["--clip", "0.3", "--out", png], "--clip must be in (0.5, 1], got 0.3"),
+                      (["--clip", "2", "--out", png], "argument --clip: must be a number in [0, 1], got 2"),
+                      (["--log"], "--log shapes the plot; give --out PLOT.png too")):
+        with pytest.raises(SystemExit) as e:
+            analysis.main(["pareto", str(tmp_path), *argv])
+        assert str(e.value.code).startswith(f"analysis.py: error: {msg}"), e.value.code
+
+
+def test_clip_moves_far_points_to_the_edge():
+    lim = [analysis.clip_limits([1, 2, 3, 4, 1000], 0.75), None]
+    assert lim[0][1] < 1000 and analysis.edge((1000, 0.5), lim) == ((lim[0][1], 0.5), ">")
+    assert analysis.edge((2, 0.5), lim) == ((2, 0.5), None)
+    lo, hi = analysis.clip_limits([1, 10, 100], 1.0, log=True)
+    assert lo < 1 and hi > 100 and lo > 0.5                                        # 5% of the log range
+
+
+def test_labels_of_close_points_do_not_overlap():
+    plt = analysis._plt()
+    fig, ax = plt.subplots()
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+    xy = [(5, 5), (5.01, 5.01), (5, 5.02), (9.99, 5), (9.98, 5.01)]                 # a clump, two at the right edge
+    ann = analysis.label_points(ax, xy, ["run_a", "run_b", "run_cc", "right_1", "right_2"])
+    from matplotlib.text import Text
+    r = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(a, r) for a in ann]                            # the text, not its line
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(5) for j in range(i))
+    assert all(b.x1 <= ax.bbox.x1 + 1 for b in boxes)                              # none past the right edge
+    plt.close(fig)
+
+
+def test_pattern_and_missing_runs_are_named(tmp_path):
+    for argv, msg in ((["pareto", str(tmp_path / "*_L6")], f"no folder matches the pattern {str(tmp_path / '*_L6')!r}"),
+                      (["downstream", str(tmp_path / "out" / "e2e_L6")],
+                       f"{str(tmp_path / 'out' / 'e2e_L6')!r} does not exist")):
+        with pytest.raises(SystemExit) as e:
+            analysis.main(argv)
+        assert str(e.value.code).startswith(f"analysis.py: error: {msg}") and "eval.jsonl" not in msg, e.value.code
+
+
+def test_optional_packages_missing_is_one_line(tmp_path, monkeypatch, capsys):
+    """scipy and matplotlib are optional: a command that needs a missing one says what to install, the others run,
+    and importing analysis imports neither."""
+    p = subprocess.run([sys.executable, "-c", "import analysis, sys; print(sorted({'scipy', 'matplotlib'} & set(sys.modules)))"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert p.stdout.strip() == "[]", p.stdout + p.stderr
+    run = fake_run(tmp_path / "r", "local", 10, 0.1, 100)
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        save_sae(SAE(16, 20), str(tmp_path / name), dict(layer=1, model="gpt2", center=True, loss="local"))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cases = (("matplotlib", ["pareto", run, "--out", str(tmp_path / "p.png")],
+              "pareto --out (the plot) needs matplotlib: pip install matplotlib, or leave out --out", ["pareto", run]),
+             ("matplotlib", ["geometry", a, "--out", str(tmp_path / "g.png")], "geometry --out (the plot) needs matplotlib",
+              ["geometry", a]),
+             ("scipy", ["geometry", a, b], "geometry of two SAEs (the one-to-one matching) needs scipy: pip install scipy",
+              ["geometry", a]),
+             ("scipy", ["seeds", a, b], "seeds (the one-to-one matching and the t-interval) needs scipy: pip install scipy",
+              ["pareto", run, "--out", str(tmp_path / "p.png")]))
+    for name, argv, msg, fine in cases:
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, name, None)                                     # import name fails
+            with pytest.raises(SystemExit) as e:
+                analysis.main(argv)
+            assert str(e.value.code).startswith(f"analysis.py: error: {msg}"), e.value.code
+            analysis.main(fine)                                                    # what does not need it runs
+    assert os.path.getsize(tmp_path / "p.png") > 10_000 and not os.path.exists(tmp_path / "g.png")
 
 
 def test_geometry_on_run_folders(tmp_path):

@@ -64,3 +64,34 @@ def test_short_training_fast_equals_naive(tiny_model_dir):
     assert (sae.encoder.weight - init.encoder.weight).abs().max() > 1e-3  # training moved it, well past the tolerance
     for (name, p), q in zip(sae.named_parameters(), sae_naive.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
+def fake_row(loss, path):
+    return dict(loss=loss, path=path, n_sae=1, arch="gpt2", device="cpu", dtype="float32", compile=False,
+                s_per_step=0.5 if path == "naive" else 0.25, tokens_per_s=64.0, peak_mem_mb=100.0, step_gflop=1.0,
+                matmul_gflops=10.0, mfu=0.4, threads=2)
+
+
+@pytest.mark.parametrize("json_flag", [False, True])
+def test_table_or_json_lines_never_both(monkeypatch, capsys, json_flag):
+    """bench.py prints the table (stdout), or with --json only one JSON line per measurement; progress on stderr."""
+    import json
+
+    import bench
+    monkeypatch.setattr(bench, "run_worker", lambda argv, loss, path, device: fake_row(loss, path))
+    argv = ["--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--vocab_size", "64", "--layer", "0", "--loss", "e2e",
+            "--naive", "--device", "cpu"] + ["--json"] * json_flag
+    bench.main(argv)
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    def is_json(line):
+        try:
+            return isinstance(json.loads(line), dict)
+        except ValueError:
+            return False
+    if json_flag:
+        assert [json.loads(x) for x in lines] == [fake_row("e2e", "fast"), fake_row("e2e", "naive")]
+    else:
+        assert not any(map(is_json, lines)) and lines[1].split()[:3] == ["loss", "path", "s/step"], out
+        assert lines[2].split()[:3] == ["e2e", "fast", "0.250"] and "2.00x" in lines[2] and len(lines) == 4
+    assert len(err.strip().splitlines()) == 2 and err.startswith("bench.py: e2e fast 0.250 s/step (1/2)"), err

@@ -1,5 +1,6 @@
 """features.py: the collection against brute force on a tiny model, and the site in headless Chromium (a
 dataset holding <script> shows it as text), one source and two compared."""
+import html
 import json
 import math
 import os
@@ -180,6 +181,94 @@ def test_site_in_headless_chromium(tiny_run, tmp_path):
     assert os.path.getsize(tmp_path / "feature.png") > 5000 and os.path.getsize(tmp_path / "index.png") > 5000
 
 
+def site_files(out):
+    """{path: text} of every file of a site."""
+    return {os.path.join(d, n): open(os.path.join(d, n), encoding="utf-8").read()
+            for d, _, names in os.walk(out) for n in names}
+
+
+def test_progress_notes_and_names_on_a_local_run(tiny_run, tiny_model_dir, tmp_path):
+    """On the run's own local file (no --dataset): progress with an ETA on stderr, one note that names only real
+    flags and says how many tokens there were and how to get more, stdout only the results, and pages that name
+    the run, model and dataset without the user's folders."""
+    run, _, _ = tiny_run
+    out = str(tmp_path / "site")
+    p = run_features(run, "--n_tokens", 1000, "--k", 3, "--batch_size", 2, "--out", out, "--device", "cpu")
+    for pattern in (rf"features\.py: collect {re.escape(run)} 1/2 batches \| \d+s \| eta \d+s",
+                    rf"features\.py: collect {re.escape(run)} 2/2 batches \| \d+s \| eta 0s"):
+        assert re.search(f"^{pattern}$", p.stderr, re.M), (pattern, p.stderr)
+    notes = [line for line in p.stderr.splitlines() if "note" in line]
+    assert notes == [f"features.py: note: {run}: collected over 128 tokens, not the --n_tokens 1,000 asked for: the run "
+                     f"trained on the local file {json.load(open(os.path.join(run, 'sae.json')))['args']['dataset']!r}, "
+                     "all of it in its training pool but its 4 held-out eval rows; --dataset OTHER_FILE gives more "
+                     "held-out text"], p.stderr
+    flags = {o for a in features.build_parser()._actions for o in a.option_strings}
+    assert set(re.findall(r"--\w+", p.stderr)) <= flags, p.stderr
+    lines = p.stdout.splitlines()                                                       # results only
+    assert len(lines) == 2 and lines[0].startswith(f"{run}: 128 tokens in ") and lines[1] == f"site: {out}/index.html"
+    base = os.path.commonpath([run, tiny_model_dir])                                    # pytest's temp root
+    assert not [f for f, text in site_files(out).items() if base in text]
+    meta = json.load(open(os.path.join(out, "site.json")))
+    assert (meta["title"], meta["source"], meta["model"], meta["dataset"]) == (
+        "local", "local", os.path.basename(tiny_model_dir), "input.txt")
+    assert "<title>local</title>" in open(os.path.join(out, "index.html")).read()
+
+
+def test_every_flag_in_features_messages_exists():
+    """Every --flag that features.py's source names (messages, notes, help, docstring) is one of its flags."""
+    flags = {o for a in features.build_parser()._actions for o in a.option_strings}
+    named = set(re.findall(r"--[a-z][a-z_]*", open(os.path.join(ROOT, "features.py")).read()))
+    assert named and named <= flags, named - flags
+
+
+def test_pages_progress_once_writing_takes_long(tiny_run, tmp_path, monkeypatch, capsys):
+    run, data, _ = tiny_run
+    argv = [run, "--dataset", data, "--n_tokens", "256", "--k", "2", "--out", str(tmp_path / "site"),
+            "--data_dir", str(tmp_path / "cache"), "--device", "cpu"]
+    monkeypatch.setattr(features, "PAGES_QUIET_S", 0.0)
+    features.main(argv)
+    out, err = capsys.readouterr()
+    assert re.search(r"^features\.py: writing the pages of \d+ features, 1/1 batches \| \d+s \| eta 0s$", err, re.M), err
+    assert "batches" not in out and "eta" not in out
+    monkeypatch.setattr(features, "PAGES_QUIET_S", 1e9)                                  # a quick site: no line
+    features.main(argv)
+    assert "writing the pages" not in capsys.readouterr().err
+
+
+def test_compare_without_scipy_is_one_line(tiny_run, tmp_path, monkeypatch):
+    run, _, _ = tiny_run
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    with pytest.raises(SystemExit) as e:
+        features.main([run, "--compare", run, "--out", str(tmp_path / "site")])
+    assert str(e.value.code) == "features.py: error: --compare (its one-to-one matching) needs scipy: pip install scipy"
+    assert not os.path.exists(tmp_path / "site")
+
+
+def test_contexts_align_on_their_maximum(tiny_run, tmp_path):
+    """In Chromium, the maximum token of every context row of a feature starts at one x position, whatever the
+    length of the text before it (as in Neuronpedia or SAE-Vis: the maxima read down one column)."""
+    run, data, _ = tiny_run
+    out = str(tmp_path / "site")
+    run_features(run, "--dataset", data, "--n_tokens", 1000, "--k", 5, "--out", out,
+                 "--data_dir", str(tmp_path / "cache"), "--device", "cpu")
+    text = open(os.path.join(out, "f", "0000.html"), encoding="utf-8").read()
+    feats = json.loads(re.search(r'id="data">(.*?)</script>', text).group(1))["features"]
+    f = max(feats, key=lambda f: len({len("".join(c["t"][:c["m"]])) for c in f["ctx"]}))  # the most ragged rows
+    lefts = {len("".join(c["t"][:c["m"]])) for c in f["ctx"]}
+    assert len(lefts) >= 3 and 0 < max(lefts) <= 60, lefts
+    probe = ('<script>document.documentElement.dataset.maxX = JSON.stringify([...document.querySelectorAll('
+             '".ctx .max")].map(e => e.getBoundingClientRect().left));</script></body>')       # after the app ran
+    with open(os.path.join(out, "f", "probe.html"), "w", encoding="utf-8") as fh:
+        fh.write(text.replace("</body>", probe))
+    dom = chromium(f"file://{out}/f/probe.html#{f['id']}")
+    xs = json.loads(html.unescape(re.search(r'data-max-x="([^"]*)"', dom).group(1)))
+    assert len(xs) == len(f["ctx"]) and max(xs) - min(xs) < 0.5, xs
+    view = Dom(dom)
+    rows = view.find("div", class_="ctx")
+    assert [r[2] for r in rows] == ["".join(c["t"]) for c in f["ctx"]]                 # every token, in order, as text
+    assert [m[2] for m in view.find("span", class_="max")] == [c["t"][c["m"]] for c in f["ctx"]]
+
+
 def test_hostile_text_stays_text(tmp_path):
     """Tokens and names that would close the data <script> or open elements are shown as text, in Chromium."""
     bad = ["</script><script>alert(1)</script>", "<img src=x onerror=alert(2)>", "&lt;b&gt;", "</"]
@@ -228,6 +317,8 @@ def test_compare_pairs_a_permuted_copy(tiny_run, tmp_path):
     boxes = view.find("div", class_="feature")
     assert len(boxes) == 2 and boxes[0][2].split("maximum)")[1] == boxes[1][2].split("maximum)")[1]   # same contexts
     assert os.path.isfile(os.path.join(out, "a", "index.html")) and os.path.isfile(os.path.join(out, "b", "index.html"))
+    assert not [f for f, text in site_files(out).items() if str(tmp_path) in text or os.path.dirname(run) in text]
+    assert view.find("title")[0][2] == "pairs 0-255" and dom.find("title")[0][2] == "local vs b"   # folders' names
 
 
 def test_bad_input_one_line(tiny_run, tmp_path, capsys):
