@@ -202,12 +202,13 @@ def check_tensors(ckpt, path, d, n_dict):
                              f"the SAE's {len(shapes)} parameters, or none before the first step)")
         for i, (name, shape) in enumerate(shapes):
             for k, t in state.get(i, {}).items():
-                ok = isinstance(t, torch.Tensor) and t.is_floating_point() and torch.isfinite(t).all() and \
-                    (tuple(t.shape) == (() if k == "step" else shape)) and (k == "exp_avg" or (t >= 0).all())
-                if not ok:
+                want = () if k == "step" else shape
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(f"{where}: the optimizer's {k} of {name} ({got}) is not an Adam state of shape "
-                                     f"{() if k == 'step' else shape}, finite{'' if k == 'exp_avg' else ', >= 0'}")
+                    raise ValueError(f"{where}: the optimizer's {k} of {name} has shape {got}, not {want}")
+                if not t.is_floating_point() or not torch.isfinite(t).all() or (k != "exp_avg" and (t < 0).any()):
+                    raise ValueError(f"{where}: the optimizer's {k} of {name} is not a finite float tensor"
+                                     f"{'' if k == 'exp_avg' else ' >= 0'}")
 
 
 def _like(v, want):

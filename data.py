@@ -24,7 +24,8 @@ import os
 
 import numpy as np
 
-from token_cache import EOT, _documents, _records, read_record, write_cache  # noqa: F401 (EOT is data.EOT too)
+from hf_files import hub_reachable
+from token_cache import EOT, READ, _documents, _records, read_record, write_cache  # noqa: F401 (EOT is data.EOT too)
 
 EXTS = (".txt", ".jsonl", ".parquet")
 DEFAULT_CACHE = os.environ.get("NANOSAE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanosae")
@@ -46,9 +47,14 @@ def _source_records(source):
     if os.path.exists(source):
         files = _local_files(source)
         stamp = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
+        READ.update(done=0, total=sum(size for _, size, _ in stamp) or 1)
         return ((w, r) for f in files for w, r in _records(f)), json.dumps(stamp), True
     if source.startswith((".", "/", "~")) or source.endswith(EXTS):
         raise ValueError(f"dataset path {source!r} does not exist")
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and not hub_reachable():  # streaming needs the hub: say so now, not after its retries
+        raise ValueError(f"dataset {source!r} is not a local path and the hub cannot be reached (offline or no network); "
+                         f"give a local file or folder as --dataset (HF_DATASETS_OFFLINE=1 reads the datasets cache)")
     import datasets
     try:
         ds = datasets.load_dataset(source, split="train", streaming=True)

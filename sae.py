@@ -101,9 +101,15 @@ def sae_shapes(d, n_dict):
         return {k: tuple(v.shape) for k, v in SAE(d, n_dict).named_parameters()}
 
 
+MAX_ELEMENTS = 2 ** 48  # d x n_dict of an SAE, at most: 1 PiB of fp32 encoder weights
+
+
 def check_state(state, d, n_dict, where):
     """ValueError naming the first tensor of state (an SAE state dict) that is missing, extra or not of the
-    shape of an SAE of width d with n_dict features; where says whose state it is (and its d and n_dict)."""
+    shape of an SAE of width d with n_dict features, or not floating-point; where says whose state it is (and its d
+    and n_dict)."""
+    if d * n_dict > MAX_ELEMENTS:  # no file holds it, and torch cannot even give its shapes (an overflow)
+        raise ValueError(f"{where}: d {d} x n_dict {n_dict} is more weights than any SAE has (at most 2^48)")
     want = sae_shapes(d, n_dict)
     for k, shape in want.items():
         t = state.get(k)
@@ -111,6 +117,8 @@ def check_state(state, d, n_dict, where):
             raise ValueError(f"{where} has no tensor {k}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{where}: {k} has shape {tuple(t.shape)}, not {shape}")
+        if not t.is_floating_point():  # load_state_dict would cast integers or booleans without a word
+            raise ValueError(f"{where}: {k} has dtype {t.dtype}, not a floating-point one")
     extra = sorted(set(state) - set(want))
     if extra:
         raise ValueError(f"{where} holds {extra[0]}, not a tensor of an SAE")
@@ -135,6 +143,10 @@ def read_sae_json(path, required=tuple(SAE_JSON)):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}"
                          f"{f' at line {e.lineno}, column {e.colno}' if hasattr(e, 'lineno') else ''})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not the JSON object save_sae writes (arrays or objects nested too deep)") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise ValueError(f"{path} is not the JSON object save_sae writes ({first_line(e)[:100]})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} holds {'an array' if isinstance(cfg, list) else type(cfg).__name__}, not the JSON "
                          f"object save_sae writes")
@@ -159,6 +171,11 @@ def load_sae(out_dir, device="cpu"):
     except Exception as e:  # SafetensorError: a header cut short or overwritten
         raise ValueError(f"{path!r} is not a valid SAE file ({type(e).__name__}: {first_line(e)})") from None
     check_state(state, cfg["d"], cfg["n_dict"], f"{path!r} (sae.json: d {cfg['d']}, n_dict {cfg['n_dict']})")
+    for k, t in state.items():  # NaN or inf (also a float64 beyond float32, once loaded) would run without a word
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path!r}: {k} holds non-finite values (nan or inf); the SAE is broken, not one to use")
+        if not torch.isfinite(t.float()).all():
+            raise ValueError(f"{path!r}: {k} holds {t.dtype} values beyond float32's range (inf once loaded)")
     sae = SAE(cfg["d"], cfg["n_dict"])
     sae.load_state_dict(state)
     return sae.to(device), cfg

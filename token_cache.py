@@ -21,10 +21,11 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
-from cli import first_line
+from cli import first_line, fmt_time
 
 CHUNK = 1 << 24  # bytes hashed at a time when checking
 EOT = 50256  # GPT-2's <|endoftext|>
@@ -50,7 +51,7 @@ def read_record(bin_path, ctx):
         fields = ("rows", int), ("bytes", int), ("sha1", str), ("complete", bool)
         ok = isinstance(meta, dict) and all(isinstance(meta.get(k), t) for k, t in fields)
         why = None if ok else "has no record of its length and checksum (an earlier version wrote it)"
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         why = f"has no readable record {meta_path} ({type(e).__name__})"
     if why is None:
         size = os.path.getsize(bin_path) if os.path.exists(bin_path) else None
@@ -66,11 +67,33 @@ def read_record(bin_path, ctx):
     return None
 
 
-def write_cache(bin_path, documents, source, ctx, n_rows=None):
+READ = dict(done=0, total=0)  # how much of a local source has been read (characters and bytes, near enough)
+
+
+def _progress(source, rows, ctx, n_rows, t0):
+    """A line on stderr: rows written, and the ETA from n_rows (a hub source) or from READ (a local one)."""
+    elapsed = time.time() - t0
+    frac = rows / n_rows if n_rows else READ["done"] / READ["total"] if READ["total"] else 0
+    eta = f"eta {'~' * (not n_rows)}{fmt_time(elapsed * max(0.0, 1 - frac) / frac)}" if frac > 0 else "eta ?"
+    print(f"data: tokenising {source!r} into the cache: {rows:,} rows of {ctx} tokens | {fmt_time(elapsed)} | {eta}",
+          file=sys.stderr, flush=True)
+
+
+def _write(f, data, path):
+    """f.write(data); an OSError (a full --data_dir) names path, the cache file, not the temp file."""
+    try:
+        f.write(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def write_cache(bin_path, documents, source, ctx, n_rows=None, every_s=10.0):
     """Write the token rows of documents (token lists, cut into rows of ctx, the remainder dropped) to bin_path
     and its record; with n_rows, stop after that many rows. Returns the number of rows. ValueError when there
-    is not one row; temp files removed whatever happens."""
+    is not one row (OSError naming bin_path when the disk is full); temp files removed whatever happens. Past
+    every_s seconds, a progress line on stderr every every_s seconds."""
     rows, complete, buf, h = 0, True, [], hashlib.sha1()
+    t0 = last = time.time()
     tmp, meta_path = bin_path + f".tmp{os.getpid()}", bin_path.removesuffix(".bin") + ".json"
     meta_tmp = meta_path + f".tmp{os.getpid()}"
     try:
@@ -82,9 +105,12 @@ def write_cache(bin_path, documents, source, ctx, n_rows=None):
                     if n_rows is not None:
                         n = min(n, n_rows - rows)
                     block = np.asarray(buf[:n * ctx], dtype=np.uint16).tobytes()
-                    f.write(block)
+                    _write(f, block, bin_path)
                     h.update(block)
                     rows, buf = rows + n, buf[n * ctx:]
+                if time.time() - last >= every_s:
+                    last = time.time()
+                    _progress(source, rows, ctx, n_rows, t0)
                 if n_rows is not None and rows >= n_rows:
                     complete = False
                     break
@@ -144,6 +170,11 @@ def _records(path):
                             r = json.loads(line)
                         except json.JSONDecodeError as e:
                             raise ValueError(f"{path} line {i} is not JSON ({e.msg}, column {e.colno})") from None
+                        except RecursionError:
+                            raise ValueError(f"{path} line {i} is not a record (arrays or objects nested too "
+                                             f"deep)") from None
+                        except ValueError as e:  # an integer of more than 4300 digits
+                            raise ValueError(f"{path} line {i} is not a record ({first_line(e)[:100]})") from None
                         yield f"{path} line {i}", r
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
@@ -155,8 +186,16 @@ def _records(path):
             raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__}: "
                              f"{first_line(e)})") from None
         row = 0
-        for batch in batches:
-            for r in batch.to_pylist():
+        while True:
+            try:  # a page or footer damaged past the header: pyarrow's OSError / ArrowInvalid name no file
+                batch = next(batches, None)
+                records = None if batch is None else batch.to_pylist()
+            except Exception as e:
+                raise ValueError(f"{path} is not a readable parquet file after row {row} ({type(e).__name__}: "
+                                 f"{first_line(e)[:150]})") from None
+            if records is None:
+                break
+            for r in records:
                 yield f"{path} row {row}", r
                 row += 1
 
@@ -211,9 +250,31 @@ def _documents(records):
                              + ("a source is all text or all token ids, not both" if other in r
                                 else "every record needs it"))
         if column == "input_ids":
-            yield where, _token_ids(r["input_ids"], where)  # pre-tokenised rows already hold the EOS between documents
+            ids = _token_ids(r["input_ids"], where)
+            READ["done"] += ID_BYTES * len(ids)
+            yield where, ids  # pre-tokenised rows already hold the EOS between documents
         else:
             if not isinstance(r["text"], str):
                 raise ValueError(f"{where}: 'text' is {_kind(r['text'])}; expected a string")
             enc = enc or _tokenizer()
-            yield where, enc.encode_ordinary(r["text"]) + [EOT]
+            pieces = list(_pieces(r["text"]))
+            for i, piece in enumerate(pieces):  # a long text in pieces: the same tokens, and progress between them
+                READ["done"] += len(piece)
+                yield where, enc.encode_ordinary(piece) + ([EOT] if i == len(pieces) - 1 else [])
+
+
+PIECE = 1 << 20  # characters tokenised at a time
+ID_BYTES = 6  # about what a token id takes in a .jsonl file ("50256, "): progress through a pre-tokenised source
+
+
+def _pieces(text):
+    """text cut into pieces of about PIECE characters, each ending with a newline that a non-space follows. GPT-2's
+    pre-tokeniser makes such a newline a token of its own, so the pieces' tokens are the text's tokens."""
+    start = 0
+    while len(text) - start > PIECE:
+        cut = start + PIECE
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        yield text[start:cut]
+        start = cut
+    yield text[start:]

@@ -69,6 +69,19 @@ def write_tiny_gpt_neo(path, seed=0, safe=True, **kw):
     return m
 
 
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """A test that would open a connection to anywhere but this machine fails instead (in this process)."""
+    import socket
+    real = socket.create_connection
+
+    def local_only(address, *a, **kw):
+        if address[0] not in ("localhost", "127.0.0.1", "::1"):
+            raise OSError(f"the tests never use the network (a connection to {address[0]} was tried)")
+        return real(address, *a, **kw)
+    monkeypatch.setattr(socket, "create_connection", local_only)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny-gpt2"))

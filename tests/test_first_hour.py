@@ -40,3 +40,71 @@ def test_the_tests_never_write_the_users_token_cache():
     home = os.path.join(os.path.expanduser("~"), ".cache", "nanosae")
     assert data.DEFAULT_CACHE == os.environ["NANOSAE_CACHE"] != home
     assert train.parser.get_default("data_dir") == data.DEFAULT_CACHE
+
+
+def test_an_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path):
+    """No network and HF_HUB_OFFLINE unset: the model and dataset lines come within seconds (huggingface_hub alone
+    retries for about 40 s first) and say that HF_HUB_OFFLINE=1 skips the check. No connection is tried: the
+    probe's socket call is replaced."""
+    import socket
+    import time
+    import pytest
+    import hf_files
+    from data import load_rows
+    calls = []
+
+    def refuse(address, timeout=None, *a, **kw):
+        calls.append(address)
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    t = time.time()
+    with pytest.raises(ValueError) as e:
+        hf_files.resolve_checkpoint("gpt2")
+    assert "hub cannot be reached" in str(e.value) and "HF_HUB_OFFLINE=1 skips the check" in str(e.value)
+    with pytest.raises(ValueError, match="the hub cannot be reached .*HF_DATASETS_OFFLINE=1"):
+        load_rows("someone/some-dataset", 16, cache_dir=str(tmp_path / "cache"))
+    assert time.time() - t < 10 and calls and all(port == 443 for _, port in calls)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls.clear()
+    assert not hf_files.hub_reachable() and not calls  # offline: not even the probe
+
+
+def test_tokenising_a_long_text_shows_progress_and_the_same_tokens(tmp_path, capsys, monkeypatch):
+    """A long .txt is tokenised in pieces (progress lines between them on stderr, with an ETA), and the rows are
+    those of tokenising the text whole."""
+    import numpy as np
+    import token_cache
+    from conftest import make_text
+    from data import load_rows
+    text = "\n".join(make_text(300, seed=i) + ("\n\n  indented" if i % 3 else "") for i in range(400))
+    (tmp_path / "long.txt").write_text(text)
+    monkeypatch.setattr(token_cache, "PIECE", 5000)  # many pieces
+    real = token_cache.write_cache
+    monkeypatch.setattr(token_cache, "write_cache", lambda *a, **kw: real(*a, **dict(kw, every_s=0.0)))
+    import data
+    monkeypatch.setattr(data, "write_cache", token_cache.write_cache)
+    rows = load_rows(str(tmp_path / "long.txt"), 64, cache_dir=str(tmp_path / "cache"))
+    enc = token_cache._tokenizer()
+    whole = enc.encode_ordinary(text) + [token_cache.EOT]
+    assert np.array_equal(np.asarray(rows).reshape(-1), np.asarray(whole[:len(rows) * 64], dtype=np.uint16))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) > 3 and all(line.startswith("data: tokenising ") and " | eta " in line for line in err), err
+    assert "eta ~" in err[-1]
+
+
+def test_a_full_data_dir_names_the_cache_file(tmp_path):
+    import errno
+    import os
+    import pytest
+    import token_cache
+    from files import write_error
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError) as e:
+        token_cache._write(Full(), b"x", str(tmp_path / "abc.bin"))
+    assert write_error(e.value) == f"cannot write {str(tmp_path / 'abc.bin')!r} (No space left on device); free some space"

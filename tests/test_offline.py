@@ -28,6 +28,13 @@ def http_error(cls, status):
     return cls(f"{status} Client Error: Repository Not Found", response=r)
 
 
+@pytest.fixture(autouse=True)
+def hub_looks_reachable(monkeypatch):
+    """With HF_HUB_OFFLINE unset resolve_checkpoint first asks whether the hub can be reached: here it can (the
+    downloads below raise what they raise online), and no connection is tried."""
+    monkeypatch.setattr(hf_files, "hub_reachable", lambda timeout=3.0: True)
+
+
 def raising(e):
     def f(*args, **kwargs):
         raise e
@@ -54,7 +61,8 @@ def test_unreachable_hub_without_offline_flag(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(LocalEntryNotFoundError(
         "An error happened while trying to locate the file on the Hub and we cannot find the requested files")))
     with pytest.raises(ValueError, match=r"'gpt2' is neither .* cannot be reached \(offline or no network; "
-                                         r"LocalEntryNotFoundError\) and 'openai-community/gpt2' .*save_pretrained"):
+                                         r"HF_HUB_OFFLINE=1 skips the check; LocalEntryNotFoundError\) and "
+                                         r"'openai-community/gpt2' .*save_pretrained"):
         resolve_checkpoint("gpt2")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(requests.exceptions.ConnectionError("Max retries")))
     with pytest.raises(ValueError, match="cannot be reached .*ConnectionError"):
