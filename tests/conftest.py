@@ -103,8 +103,8 @@ def neo_model_dir(tmp_path_factory):
     return path
 
 
-def pytest_report_header(config):
-    """The versions the suite runs with, at the top of its output (CI's log)."""
+def pytest_sessionstart(session):
+    """The versions the suite runs with, at the top of its output (CI's log), also under -q."""
     import importlib.metadata as md
     import platform
     have = []
@@ -113,4 +113,4 @@ def pytest_report_header(config):
             have.append(f"{p} {md.version(p)}")
         except md.PackageNotFoundError:
             have.append(f"{p} missing")
-    return "versions: python " + platform.python_version() + " | " + " | ".join(have)
+    print("versions: python " + platform.python_version() + " | " + " | ".join(have), flush=True)
