@@ -364,3 +364,9 @@ def check_init(init, args, runs, model):
     bad = next((why for ok, why in checks if not ok), None)
     if bad:
         raise ValueError(f"{where} {bad}")
+
+
+if __name__ == "__main__":  # python config.py: what a run is, and the kinds' table
+    print(__doc__.strip() + "\n\nKINDS (config.KINDS; train.py --help shows every flag):")
+    for kind, row in KINDS.items():
+        print(f"  {kind:8s} " + "  ".join(f"{k} {v}" for k, v in row.items()))

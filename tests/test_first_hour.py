@@ -108,3 +108,9 @@ def test_a_full_data_dir_names_the_cache_file(tmp_path):
     with pytest.raises(OSError) as e:
         token_cache._write(Full(), b"x", str(tmp_path / "abc.bin"))
     assert write_error(e.value) == f"cannot write {str(tmp_path / 'abc.bin')!r} (No space left on device); free some space"
+
+
+def test_config_py_run_as_a_script_prints_the_kinds():
+    from test_train import run
+    out = run("config.py").stdout
+    assert "A flag's value comes from the command line" in out and all(f"  {k} " in out for k in config.KINDS)
