@@ -25,6 +25,7 @@ W&B (rank 0, one run for the whole sweep, its id kept in ckpt.pt so --resume con
 In a sweep the SAE's name comes first: train/<name>/<term>, eval/<name>/<metric> (train/lr is shared).
 """
 import os
+import sys
 
 import torch
 
@@ -125,6 +126,10 @@ class Log:
             print(f"{'resuming' if self.resuming else 'starting'} {a.out_dir} at step {step} of {steps}: {what}, "
                   f"{a.batch_size * a.grad_accum} samples per step, {ddp.WORLD} process{'es' * ddp.DDP}, {device}",
                   flush=True)
+            if not self.resuming and a.eval_samples > a.n_samples:  # a shrunk run that kept the eval default
+                print(f"train.py: note: every evaluation runs the {a.eval_samples} held-out rows of --eval_samples, more "
+                      f"than the {a.n_samples} samples of --n_samples: a quick run wants a smaller --eval_samples",
+                      file=sys.stderr, flush=True)
 
     def tag(self, s, sep):
         return s.r.name + sep if self.sweep else ""

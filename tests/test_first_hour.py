@@ -114,3 +114,12 @@ def test_config_py_run_as_a_script_prints_the_kinds():
     from test_train import run
     out = run("config.py").stdout
     assert "A flag's value comes from the command line" in out and all(f"  {k} " in out for k in config.KINDS)
+
+
+def test_a_shrunk_run_is_told_its_evaluations_outweigh_it(tmp_path, tiny_model_dir, text_file):
+    from test_train import run
+    p = run("train.py", *tiny_args(tiny_model_dir, text_file, str(tmp_path / "run"), "local", n_samples=8,
+                                   eval_samples=16))
+    assert "train.py: note: every evaluation runs the 16 held-out rows of --eval_samples, more than the 8" in p.stderr
+    assert "note" not in run("train.py", *tiny_args(tiny_model_dir, text_file, str(tmp_path / "b"), "local",
+                                                    n_samples=16, eval_samples=8)).stderr
