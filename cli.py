@@ -68,6 +68,28 @@ def first_line(e):
     return (str(e).strip().splitlines() or [""])[0]
 
 
+def read_json(path, what, name=None):
+    """The JSON value in the file at path; ValueError in one line naming the file (as name, default path) when it is
+    not UTF-8 JSON: its first bad byte or its syntax error's line and column, nesting too deep for Python, an
+    integer of more than 4300 digits. what: what the file should be, e.g. 'a transformers config.json'."""
+    import json
+    name = path if name is None else name
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text (byte {e.start}); expected {what}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{name} is not {what} (arrays or objects nested too deep)") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise ValueError(f"{name} is not {what} ({first_line(e)[:100]})") from None
+
+
 def one_line_errors(parser, tool):
     """argparse's errors as one line, `tool: error: ...`, without the usage dump."""
     def error(msg):

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from cli import first_line
+from cli import first_line, read_json
 
 BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")  # masks, not weights
 
@@ -30,17 +30,7 @@ HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community
 
 def read_config(path):
     """config.json as a dict; ValueError naming the file when it is not a JSON object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text, so not a config.json") from None
-    except RecursionError:
-        raise ValueError(f"{path} is not a transformers config.json (arrays or objects nested too deep)") from None
-    except ValueError as e:  # an integer of more than 4300 digits
-        raise ValueError(f"{path} is not a transformers config.json ({first_line(e)[:100]})") from None
+    hf = read_json(path, "a transformers config.json")
     if not isinstance(hf, dict):
         what = "an array" if isinstance(hf, list) else f"a {type(hf).__name__}"
         raise ValueError(f"{path} holds {what}, not the JSON object of a transformers config.json")

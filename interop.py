@@ -45,7 +45,7 @@ import warnings
 
 import torch
 
-from cli import first_line, nonempty, one_line_errors
+from cli import first_line, nonempty, one_line_errors, read_json
 from files import check_target, lock_holder, replace_dir, write_bytes, write_error
 from sae import SAE, load_sae, save_firing, save_sae, save_tensors
 from source_checks import BOOL, NONNEG, POS_INT, TEXT, check_columns, check_finite, check_run_args, check_state_values, field, json_safe, kind, mapping, read_text, shown
@@ -248,15 +248,7 @@ def write_saelens(sae, cfg, out_dir, firing=None):
 def read_saelens_cfg(path):
     """A SAELens folder's cfg.json as a dict; ValueError naming the file unless it is a JSON object."""
     f = os.path.join(path, "cfg.json")
-    text = read_text(f, "SAELens's cfg.json")
-    try:
-        conf = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except RecursionError:
-        raise ValueError(f"{f!r} is not a SAELens config (arrays or objects nested too deep)") from None
-    except ValueError as e:  # an integer of more than 4300 digits
-        raise ValueError(f"{f!r} is not a SAELens config ({first_line(e)[:100]})") from None
+    conf = read_json(f, "a SAELens config", repr(f))
     if not isinstance(conf, dict):
         raise ValueError(f"{f!r} holds {kind(conf)} ({shown(conf)}), not the JSON object of a SAELens config")
     return conf

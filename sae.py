@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import first_line
+from cli import first_line, read_json
 from files import write_bytes
 
 
@@ -137,16 +137,7 @@ SAE_JSON_OPTIONAL = dict(model=("a string", lambda v: v is None or isinstance(v,
 def read_sae_json(path, required=tuple(SAE_JSON)):
     """sae.json as a dict, with the keys required and every key of SAE_JSON / SAE_JSON_OPTIONAL it has of the
     right type; ValueError naming the file and the key otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}"
-                         f"{f' at line {e.lineno}, column {e.colno}' if hasattr(e, 'lineno') else ''})") from None
-    except RecursionError:
-        raise ValueError(f"{path} is not the JSON object save_sae writes (arrays or objects nested too deep)") from None
-    except ValueError as e:  # an integer of more than 4300 digits
-        raise ValueError(f"{path} is not the JSON object save_sae writes ({first_line(e)[:100]})") from None
+    cfg = read_json(path, "the JSON object save_sae writes")
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} holds {'an array' if isinstance(cfg, list) else type(cfg).__name__}, not the JSON "
                          f"object save_sae writes")

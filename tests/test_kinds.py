@@ -97,18 +97,9 @@ def test_a_new_kind_is_one_row(setup, monkeypatch, tmp_path, tiny_model_dir, tex
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7)
     import json
     import os
-    import signal
-    import sys
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, tiny_args(tiny_model_dir, text_file, str(tmp_path / "run"),
-                                                                      "e2e_mse", n_samples=16, eval_every=16))])
-    try:
-        with pytest.raises(SystemExit) as e:
-            train.main()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    assert e.value.code is None
+    from test_reliability import train_in_process
+    argv = tiny_args(tiny_model_dir, text_file, str(tmp_path / "run"), "e2e_mse", n_samples=16, eval_every=16)
+    assert train_in_process(monkeypatch, *argv) is None
     cfg = json.load(open(tmp_path / "run" / "sae.json"))
     assert cfg["loss"] == "e2e_mse" and cfg["args"]["mse_coeff"] == 0.1
     evals = [json.loads(line) for line in open(os.path.join(tmp_path, "run", "eval.jsonl"))]

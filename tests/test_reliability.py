@@ -35,8 +35,8 @@ def read_until(p, prefix):
     raise AssertionError(f"no line {prefix!r} before exit {p.wait()}:\n{''.join(lines)}{p.stderr.read()}")
 
 
-def train_error(monkeypatch, *args):
-    """The message train.py exits with, run in this process: for inputs refused before training starts."""
+def train_in_process(monkeypatch, *args):
+    """train.py's main() run in this process with args: the code it exits with. Its signal handlers are undone."""
     import train
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -46,8 +46,14 @@ def train_error(monkeypatch, *args):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    assert isinstance(e.value.code, str) and len(e.value.code.splitlines()) == 1, e.value.code
     return e.value.code
+
+
+def train_error(monkeypatch, *args):
+    """The message train.py exits with, run in this process: for inputs refused before training starts."""
+    code = train_in_process(monkeypatch, *args)
+    assert isinstance(code, str) and len(code.splitlines()) == 1, code
+    return code
 
 
 def step_lines(stdout):
