@@ -31,7 +31,8 @@ def env(tmp_path_factory, tiny_model_dir, text_file):
     base = tmp_path_factory.mktemp("ablations")
 
     def args(out, **kw):
-        return tiny_args(tiny_model_dir, text_file, str(base / out), **dict(dict(loss="e2e_ds", l1=0.5), **kw))
+        kw = dict(dict(loss="e2e_ds", l1=0.5, dataset=text_file), **kw)
+        return tiny_args(tiny_model_dir, kw.pop("dataset"), str(base / out), **kw)
     run("train.py", *args("src", loss="local"))
     return base, args, str(base / "src")
 
@@ -45,7 +46,9 @@ def test_init_from_starts_exactly_at_its_source(env):
     interop.write_saelens(sae, cfg, str(base / "lens"))
     for name, source in (("ft_run", src), ("ft_lens", str(base / "lens"))):
         out = str(base / name)
-        run("train.py", *args(name, n_samples=16, eval_every=16, layer=False, dict_ratio=False), "--init_from", source)
+        own = dict(dataset=False, ctx=False) if name == "ft_run" else {}  # a run folder's data comes with it
+        run("train.py", *args(name, n_samples=16, eval_every=16, layer=False, dict_ratio=False, **own), "--init_from",
+            source)
         first, final_src = evals(out)[0], evals(src)[-1]
         assert first["step"] == 0  # evaluated before any step: the source's numbers (a run folder: exactly)
         for k in METRICS:
@@ -54,6 +57,7 @@ def test_init_from_starts_exactly_at_its_source(env):
         assert (cfg["init_from"], cfg["loss"], cfg["layer"]) == (source, "e2e_ds", 1)  # layer from the source
         c = ckpt(out)
         assert c["args"]["init_from"] == source and c["step"] == 2 and c["finished"]  # n_samples counts new samples
+        assert (c["args"]["dataset"], c["args"]["ctx"]) == (ckpt(src)["args"]["dataset"], 32)
         assert int(c["optimizer"]["state"][0]["step"]) == 2  # a fresh optimizer
 
 
