@@ -231,7 +231,26 @@ def seeds(paths, alive_from="saved", match_cap=4096, chunk=1024, **eval_kw):
             pairs.append(rec)
     summary_ = {kind: {k: mean_ci([p[kind][k] for p in pairs]) for k in ("A_to_B", "B_to_A", "matching")}
                 for kind in ("decoder", "encoder")}
-    return dict(runs=[_public(r[1]) for r in runs], pairs=pairs, summary=summary_, match_cap=match_cap)
+    return dict(runs=[_public(r[1]) for r in runs], pairs=pairs, summary=summary_, match_cap=match_cap,
+                metrics=seed_metrics(paths))
+
+
+SEED_METRICS = ("l0", "alive", "ce_increase", "explained_variance", "final_mse")
+
+
+def seed_metrics(paths):
+    """How much the final eval moves with the seed: each of SEED_METRICS that every run's eval.jsonl has, its
+    values, mean, sample sd and 95% t-interval (mean_ci); {} when a source has no eval.jsonl (a SAELens folder)."""
+    try:
+        last = [final_eval(p)[1] for p in paths]
+    except ValueError:
+        return {}
+    out = {}
+    for k in SEED_METRICS:
+        if all(_number(m.get(k)) for m in last):
+            v = [float(m[k]) for m in last]
+            out[k] = dict(values=v, sd=float(np.std(v, ddof=1)), **mean_ci(v))
+    return out
 
 
 # ----------------------------------------------------------------------------- run folders and plots
@@ -349,10 +368,33 @@ def pareto(paths, out=None, log=False, clip=None):
               for key, sign in (("l0", 1), ("alive", -1))}
         series[name] = dict(loss=pts[0]["loss"], variant=name != pts[0]["loss"], runs=[q["run"] for q in pts],
                             front_l0=fr["l0"], front_alive=fr["alive"])
-    res = dict(points=points, series=series, out=out, log=log, clip=clip)
+    res = dict(points=points, series=series, matched=matched_l0(points, series), out=out, log=log, clip=clip)
     if out:
         plot_pareto(res, out)
     return res
+
+
+def matched_l0(points, series, ref="local"):
+    """The paper's headline number: each series' L0 over the ref series' at the same CE increase. For each point
+    on a series' L0 front whose CE increase c lies within the ref front's range, ratio = L0 / L0_ref(c), with
+    log L0_ref interpolated linearly in CE between the two ref front points around c (no extrapolation); then
+    the ratios' geometric mean. {series: dict(points=[{run, ce_increase, l0, l0_ref, ratio}], ratio)}, only
+    series with such a point; {} without a ref series of two front points or more."""
+    at = {q["run"]: q for q in points}
+    rf = sorted((at[r] for r in series.get(ref, {}).get("front_l0", [])), key=lambda q: q["ce_increase"])
+    if len(rf) < 2 or any(q["l0"] <= 0 for q in rf):
+        return {}
+    ce, log_l0 = [q["ce_increase"] for q in rf], np.log([q["l0"] for q in rf])
+    out = {}
+    for name, s in series.items():
+        pts = [dict(run=q["run"], ce_increase=q["ce_increase"], l0=q["l0"],
+                    l0_ref=float(np.exp(np.interp(q["ce_increase"], ce, log_l0))))
+               for q in (at[r] for r in s["front_l0"]) if name != ref and ce[0] <= q["ce_increase"] <= ce[-1]]
+        for q in pts:
+            q["ratio"] = q["l0"] / q["l0_ref"]
+        if pts:
+            out[name] = dict(points=pts, ratio=float(np.exp(np.mean(np.log([max(q["ratio"], 1e-12) for q in pts])))))
+    return out
 
 
 def series_styles(series):
@@ -531,8 +573,12 @@ def format_seeds(res):
     ci = [res["summary"][kind][k]["ci95"] for kind, k in cols]
     if ci[0] is not None:
         rows.append(["95% CI"] + [f"{c[0]:.3f}..{c[1]:.3f}" for c in ci])
+    metrics = [["final eval", *[f"run {i}" for i in range(len(res["runs"]))], "mean", "sd"]]
+    metrics += [[k, *[f"{v:.4g}" for v in m["values"]], f"{m['mean']:.4g}", f"{m['sd']:.2g}"]
+                for k, m in res.get("metrics", {}).items()]
     return "\n".join(lines + [table(rows), "A→B: each feature of the first run's nearest in the second; 1:1: "
-                               "one-to-one (Hungarian) matching mean; 1 = identical directions"])
+                               "one-to-one (Hungarian) matching mean; 1 = identical directions"]
+                     + ([table(metrics)] if len(metrics) > 1 else []))
 
 
 def format_pareto(res):
@@ -543,8 +589,12 @@ def format_pareto(res):
         on = [k for k in ("l0", "alive") if q["run"] in s[f"front_{k}"]]
         rows.append([q["run"], q["series"], str(q["layer"]), f"{q['l0']:.2f}", str(q["alive"]), f"{q['ce_increase']:.4f}",
                      ", ".join(on) or "-"])
+    matched = [f"{name}: {m['ratio']:.2f}x local's L0 at the same CE increase (geometric mean over {len(m['points'])} "
+               f"front point{'s' * (len(m['points']) > 1)}: " + ", ".join(f"{q['ratio']:.2f} at {q['ce_increase']:.3f}"
+                                                                         for q in m["points"]) + ")"
+               for name, m in res.get("matched", {}).items()]
     return "\n".join([table(rows), "front: non-dominated within its series (l0: lower L0 and lower CE increase; "
-                      "alive: more alive and lower CE increase)"] + ([f"plot: {res['out']}"] if res["out"] else []))
+                      "alive: more alive and lower CE increase)"] + matched + ([f"plot: {res['out']}"] if res["out"] else []))
 
 
 def format_downstream(res):

@@ -110,7 +110,8 @@ def resolve(parser, argv=None):
         trained = cfg.get("args") or {}  # a run folder's own flags: its data too
         adopted = {k: v for k, v in dict(layer=str(cfg["layer"]), dict_ratio=src.n_dict / src.d, model=cfg.get("model"),
                                          no_center=not cfg["center"], dataset=trained.get("dataset"),
-                                         ctx=trained.get("ctx")).items() if k not in given and v is not None}
+                                         ctx=trained.get("ctx"), eval_samples=trained.get("eval_samples"),
+                                         ).items() if k not in given and v is not None}
         vars(args).update(adopted)
     model_defaults(args, given)
     vars(args).update(adopted)  # the source's own layer, size and model win over a recipe's defaults

@@ -4,8 +4,10 @@ local phase first), --ds_layers (which later residuals the downstream MSE compar
 import argparse
 import json
 import os
+import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +48,7 @@ def test_init_from_starts_exactly_at_its_source(env):
     interop.write_saelens(sae, cfg, str(base / "lens"))
     for name, source in (("ft_run", src), ("ft_lens", str(base / "lens"))):
         out = str(base / name)
-        own = dict(dataset=False, ctx=False) if name == "ft_run" else {}  # a run folder's data comes with it
+        own = dict(dataset=False, ctx=False, eval_samples=False) if name == "ft_run" else {}  # a run folder's data comes with it
         run("train.py", *args(name, n_samples=16, eval_every=16, layer=False, dict_ratio=False, **own), "--init_from",
             source)
         first, final_src = evals(out)[0], evals(src)[-1]
@@ -57,7 +59,7 @@ def test_init_from_starts_exactly_at_its_source(env):
         assert (cfg["init_from"], cfg["loss"], cfg["layer"]) == (source, "e2e_ds", 1)  # layer from the source
         c = ckpt(out)
         assert c["args"]["init_from"] == source and c["step"] == 2 and c["finished"]  # n_samples counts new samples
-        assert (c["args"]["dataset"], c["args"]["ctx"]) == (ckpt(src)["args"]["dataset"], 32)
+        assert [c["args"][k] for k in ("dataset", "ctx", "eval_samples")] == [ckpt(src)["args"]["dataset"], 32, 8]
         assert int(c["optimizer"]["state"][0]["step"]) == 2  # a fresh optimizer
 
 
@@ -183,8 +185,13 @@ def test_seeds_one_for_identical_runs_below_for_other_seeds(env):
         assert all(p[kind][k] < 0.99 for p in other for k in ("A_to_B", "B_to_A", "matching"))
         s = res["summary"][kind]["matching"]
         assert s["n"] == 3 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
+    finals = [evals(r)[-1] for r in (src, src, str(base / "seed1"))]  # the final evals' spread over the seeds
+    for k in ("l0", "ce_increase", "final_mse"):
+        m, v = res["metrics"][k], [e[k] for e in finals]
+        assert m["values"] == v and m["sd"] == pytest.approx(float(np.std(v, ddof=1))) and m["n"] == 3
     table = run("analysis.py", "seeds", src, str(base / "seed1")).stdout
     assert "dec 1:1" in table and f"{res['pairs'][1]['decoder']['matching']:.4f}" in table
+    assert re.search(rf"^l0 +{finals[0]['l0']:.4g} +{finals[2]['l0']:.4g} ", table, re.M), table
     run("train.py", *args("other_l1", loss="local", l1=2, n_samples=8, eval_every=8))
     bad = run("analysis.py", "seeds", src, str(base / "other_l1"), check=False)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "not only in the seed" in bad.stderr

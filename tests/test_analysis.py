@@ -116,6 +116,22 @@ def test_pareto_fronts_per_kind(tmp_path):
                          [r3, "local", "6", "30.00", "200", "0.2000", "alive"], [e1, "e2e", "6", "5.00", "10", "0.3000", "l0,", "alive"]]
 
 
+def test_pareto_l0_against_local_at_the_same_ce_increase(tmp_path):
+    """The headline number: L0 over local's, local's log L0 interpolated along CE between its front's points;
+    points outside local's CE range and points off their own front are left out."""
+    local = [fake_run(tmp_path / f"local_{i}", "local", l0, ce, 100) for i, (l0, ce) in
+             enumerate(((10, 0.4), (40, 0.1), (50, 0.3)))]  # (50, 0.3) is off the front
+    ds = [fake_run(tmp_path / f"ds_{i}", "e2e_ds", l0, ce, 100) for i, (l0, ce) in
+          enumerate(((5, 0.2), (4, 0.5), (20, 0.05), (8, 0.3)))]  # 0.5 and 0.05: outside; (8, 0.3): off the front
+    res = analysis.pareto(local + ds)
+    m = res["matched"]
+    assert list(m) == ["e2e_ds"] and [q["run"] for q in m["e2e_ds"]["points"]] == [ds[0]]
+    want = 5 / (40 * (10 / 40) ** (1 / 3))  # CE 0.2 is a third of the way from (40, 0.1) to (10, 0.4)
+    assert m["e2e_ds"]["points"][0]["ratio"] == pytest.approx(want) and m["e2e_ds"]["ratio"] == pytest.approx(want)
+    assert f"e2e_ds: {want:.2f}x local's L0 at the same CE increase" in analysis.format_pareto(res)
+    assert analysis.pareto(ds)["matched"] == {}  # no local series: no ratio
+
+
 def test_pareto_variants_are_their_own_series(tmp_path, capsys):
     """A fine-tuned run (--init_from) and ablations (--ds_layers, --local_frac) are series of their own, with their
     own fronts: the fine-tuned run, better than every plain e2e_ds run, takes none of them off the plain front."""
