@@ -10,7 +10,9 @@ The paper's figures and numbers from run folders (or any source eval.py reads: A
 Every command prints a short table of the numbers the paper reports; --json prints all of them as one JSON
 object instead. pareto and downstream read the last line of each run's eval.jsonl (its final eval);
 `python eval.py SRC --json >> SRC/eval.jsonl` makes one for any SAE. They take run folders, sweep folders, and
-patterns the shell did not expand ('out/*_L6'). scipy (geometry of two SAEs, seeds) and matplotlib (--out) are
+patterns the shell did not expand ('out/*_L6'). pareto also prints the paper's headline number, each series'
+L0 over local's at the same CE increase (matched_l0); seeds also the spread of the final evals over the seeds.
+scipy (geometry of two SAEs, seeds) and matplotlib (--out) are
 optional: a command that needs a missing one says in one line what to install.
 
 Pareto series: one per loss kind, and one per variant of a kind (variant(), from the run's sae.json), so a
@@ -589,10 +591,11 @@ def format_pareto(res):
         on = [k for k in ("l0", "alive") if q["run"] in s[f"front_{k}"]]
         rows.append([q["run"], q["series"], str(q["layer"]), f"{q['l0']:.2f}", str(q["alive"]), f"{q['ce_increase']:.4f}",
                      ", ".join(on) or "-"])
-    matched = [f"{name}: {m['ratio']:.2f}x local's L0 at the same CE increase (geometric mean over {len(m['points'])} "
-               f"front point{'s' * (len(m['points']) > 1)}: " + ", ".join(f"{q['ratio']:.2f} at {q['ce_increase']:.3f}"
-                                                                         for q in m["points"]) + ")"
-               for name, m in res.get("matched", {}).items()]
+    matched = []
+    for name, m in res.get("matched", {}).items():  # one line per series: the ratio, then each front point's
+        each = ", ".join(f"{q['ratio']:.2f} at {q['ce_increase']:.3f}" for q in m["points"])
+        matched.append(f"{name}: {m['ratio']:.2f}x local's L0 at the same CE increase (geometric mean over "
+                       f"{len(m['points'])} front point{'s' * (len(m['points']) > 1)}: {each})")
     return "\n".join([table(rows), "front: non-dominated within its series (l0: lower L0 and lower CE increase; "
                       "alive: more alive and lower CE increase)"] + matched + ([f"plot: {res['out']}"] if res["out"] else []))
 
