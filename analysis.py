@@ -191,13 +191,15 @@ def _public(info):
 
 
 def mean_ci(x):
-    """Mean of x and its 95% interval, mean ± t₀.₉₇₅(n−1) · sd / √n (None for a single value)."""
+    """Mean of x, its sample sd and its 95% interval, mean ± t₀.₉₇₅(n−1) · sd / √n (sd and interval: None for a
+    single value)."""
     t = require("scipy.stats", "the t-interval").t
     x = np.asarray(x, dtype=np.float64)
     if x.size < 2:
-        return dict(mean=float(x.mean()), ci95=None, n=int(x.size))
-    h = t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
-    return dict(mean=float(x.mean()), ci95=[float(x.mean() - h), float(x.mean() + h)], n=int(x.size))
+        return dict(mean=float(x.mean()), sd=None, ci95=None, n=int(x.size))
+    sd = float(x.std(ddof=1))
+    h = t.ppf(0.975, x.size - 1) * sd / np.sqrt(x.size)
+    return dict(mean=float(x.mean()), sd=sd, ci95=[float(x.mean() - h), float(x.mean() + h)], n=int(x.size))
 
 
 SEED_FREE = {"seed", "out_dir", "resume", "device", "compile", "wandb", "wandb_project", "data_dir", "eval_every",
@@ -251,7 +253,7 @@ def seed_metrics(paths):
     for k in SEED_METRICS:
         if all(_number(m.get(k)) for m in last):
             v = [float(m[k]) for m in last]
-            out[k] = dict(values=v, sd=float(np.std(v, ddof=1)), **mean_ci(v))
+            out[k] = dict(values=v, **mean_ci(v))
     return out
 
 

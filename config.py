@@ -114,7 +114,7 @@ def resolve(parser, argv=None):
                                          ).items() if k not in given and v is not None}
         vars(args).update(adopted)
     model_defaults(args, given)
-    vars(args).update(adopted)  # the source's own layer, size and model win over a recipe's defaults
+    vars(args).update(adopted)  # the source's own layer, size, model and data win over a recipe's defaults
     if "n_samples" in given and "warmup_samples" not in given:  # the recipe's warmup, 5% of the run, scales with it
         args.warmup_samples = round(WARMUP_FRAC * args.n_samples)
     if args.out_dir is None:

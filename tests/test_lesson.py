@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT, make_text
 
 TOY = {  # appended: argparse keeps a flag's last value, so these win over the lesson's sizes
@@ -62,9 +60,10 @@ def test_lesson_runs_end_to_end(tmp_path):
     sweep = sorted(os.path.basename(os.path.dirname(f)) for f in glob.glob(str(out / "lesson/sweep/*/sae.json")))
     assert sweep == sorted(["local_L3_l0.5", "local_L3_l1", "local_L3_l2", "local_L3_l4", "e2e_L3_l1", "e2e_L3_l4",
                             "e2e_ds_L3_l5", "e2e_ds_L3_l10", "e2e_ds_L3_l20"])
-    for png in glob.glob(str(tmp_path / "docs" / "*.png")) or pytest.fail("no PNG in docs/"):
+    pngs = sorted(glob.glob(str(tmp_path / "docs" / "*.png")))
+    assert [os.path.basename(f) for f in pngs] == ["lesson_downstream.png", "lesson_pareto.png"]  # Fig. 2, Fig. 1
+    for png in pngs:
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert len(glob.glob(str(tmp_path / "docs" / "*.png"))) == 2
     ft = [json.loads(line) for line in open(out / "lesson" / "finetune" / "eval.jsonl")]
     assert ft[0]["step"] == 0 and ft[-1]["step"] > 0  # the source's numbers, then the fine-tune's
     assert p.stdout.count("final eval") == 3 and "(from local_L3_l2)" in p.stdout  # 3 seeds tables; the fine-tune's series
